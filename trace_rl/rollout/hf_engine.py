@@ -1,0 +1,111 @@
+"""The fallback rollout engine: transformers ``generate`` in a Ray actor.
+
+Slower than vLLM on GPUs but dependency-light; useful where vLLM is not installed. Behaviour
+log-probs are recomputed by one forward pass over the generated sequences (logits / T), so they
+are exactly the learner's log-probs on the same weights.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from trace_rl.rollout.base import Sample, sampled_logprobs_from_logits
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFEngine:
+    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0,
+                 trust_remote_code: bool = False, engine_index: int = 0, batch_size: int = 64, **_: Any):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t0 = time.perf_counter()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
+        self.generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * engine_index)
+        self.batch_size = batch_size
+        self._version = 0
+        self.startup_s = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], spec: dict[str, Any]) -> list[Sample]:
+        n = int(spec.get("n", 1))
+        flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        samples: list[Sample] = []
+        for s in range(0, len(flat), self.batch_size):
+            samples.extend(self._generate_chunk(flat[s:s + self.batch_size], spec))
+        return samples
+
+    def _generate_chunk(self, items: list[tuple[int, list[int]]], spec: dict[str, Any]) -> list[Sample]:
+        P = max(len(p) for _, p in items)
+        ids = torch.full((len(items), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), P), dtype=torch.long)
+        for row, (_, p) in enumerate(items):
+            ids[row, P - len(p):] = torch.tensor(p)
+            mask[row, P - len(p):] = 1
+        seed = spec.get("seed")
+        if seed is not None:
+            torch.manual_seed(seed)
+        else:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+        top_k = spec.get("top_k", -1)
+        out = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=True,
+            temperature=spec.get("temperature", 1.0), top_p=spec.get("top_p", 1.0),
+            top_k=top_k if top_k and top_k > 0 else 0, max_new_tokens=spec.get("max_new_tokens", 128),
+            pad_token_id=self.pad_id, eos_token_id=list(self.eos_ids),
+        )
+        resp = out[:, P:].cpu()
+        # cut each response after its first eos; the rest is padding
+        lengths, finish = [], []
+        for row in resp.tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in self.eos_ids), None)
+            lengths.append(cut if cut is not None else len(row))
+            finish.append("stop" if cut is not None else "length")
+        full = torch.cat([ids, resp], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(resp)], dim=1)
+        lp = self._logprobs(full, full_mask, P, spec.get("temperature", 1.0))
+        return [Sample(items[r][0], resp[r, :lengths[r]].tolist(), lp[r, :lengths[r]].tolist(), finish[r])
+                for r in range(len(items))]
+
+    def _logprobs(self, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float) -> torch.Tensor:
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=pos.to(self.device)).logits
+        return sampled_logprobs_from_logits(logits[:, start - 1:-1], ids[:, start:].to(self.device), temperature).cpu()
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], start: list[int], temperature: float = 1.0) -> list[list[float]]:
+        result = []
+        for seq, st in zip(sequences, start):
+            ids = torch.tensor([seq])
+            logits = self.model(input_ids=ids.to(self.device)).logits
+            lp = sampled_logprobs_from_logits(logits[:, :-1], ids[:, 1:].to(self.device), temperature)[0]
+            result.append(lp[max(st, 1) - 1:].cpu().tolist())
+        return result
+
+    @torch.no_grad()
+    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        # a tied lm_head is absent from a parameter dict; anything else missing is a bug
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"weight update does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+        self._version = int(version)
+        return {"tensors": float(len(state_dict)), "seconds": time.perf_counter() - t0}
+
+    def version(self) -> int:
+        return self._version
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": "hf", "startup_s": self.startup_s, "version": self._version, "pid": os.getpid()}

@@ -1,0 +1,409 @@
+"""The training job: one driver, one loop.
+
+    python -m trace_rl.train [hydra overrides]        (console script: trace-rl)
+
+Read ``run()`` top to bottom: it builds the services (verifier pool, rollout pool, learner group,
+replay buffer), evaluates, then runs ``for step in range(...)`` over the stages
+
+    rollout -> reward -> advantage -> learn -> sync
+
+each timed as ``timing_s/<stage>``. The method (``algorithm.name``) is looked up in the registry and
+turns rewards into per-token advantages and channels; nothing here knows which method is running.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trace_rl.batch import Batch
+from trace_rl.config import Config, to_config, validate
+
+log = logging.getLogger("trace_rl")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+class PromptSampler:
+    """Seeded epoch-wise order over the training prompts; its state is part of a checkpoint."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self._order[self.position])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._make_order()
+
+
+def load_split(spec: str, split: str, n: int, seed: int):
+    """'arith' / 'arith:<split>' or a file path -> problems."""
+    from trace_rl.tasks import load_task_problems
+
+    if not spec:
+        return []
+    name, _, sub = spec.partition(":")
+    if name == "arith":
+        return load_task_problems("arith", sub or split, n=n or None, seed=seed)
+    return load_task_problems(spec, split, n=n or None, seed=seed)
+
+
+def tokenize_prompts(problems, tokenizer, max_prompt_length: int, task: str):
+    """Render each problem with the chat template; drop (and count) prompts that are too long."""
+    from trace_rl.tasks import instruction_for
+    from trace_rl.tasks.base import render_prompt
+
+    kept, ids, dropped = [], [], 0
+    instruction = instruction_for(task)
+    for p in problems:
+        text = render_prompt(p, tokenizer, instruction=instruction)
+        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tok) > max_prompt_length:
+            dropped += 1
+            continue
+        kept.append(p)
+        ids.append(tok)
+    return kept, ids, dropped
+
+
+def resolve_model_path(path: str) -> str:
+    if path == "tiny":
+        from trace_rl.models.cache import tiny_model_path
+
+        return str(tiny_model_path(stage="sft"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def timed(timings: dict[str, float], stage: str):
+    t0 = time.perf_counter()
+    yield
+    timings[f"timing_s/{stage}"] = time.perf_counter() - t0
+
+
+def pad_rows_to_multiple(batch: Batch, multiple: int) -> Batch:
+    """Append copies of the first rows with zero channel weight so that len(batch) % multiple == 0.
+    They take part in the forward pass but in no loss term and no normaliser."""
+    extra = (-len(batch)) % multiple
+    if extra == 0:
+        return batch
+    idx = torch.arange(extra) % len(batch)
+    pad = batch.select(idx)
+    pad.channel_weights = torch.zeros_like(pad.channel_weights)
+    pad.advantages = torch.zeros_like(pad.advantages)
+    pad.meta = {k: [None] * extra for k in batch.meta}
+    return Batch.concat([batch, pad], pad_token_id=0)
+
+
+def decode_responses(tokenizer, batch: Batch) -> list[str]:
+    rows = [batch.response_ids[i][batch.response_mask[i]].tolist() for i in range(len(batch))]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def run_evals(pool, verifier, eval_sets, tokenizer, cfg: Config) -> dict[str, Any]:
+    from trace_rl.eval import evaluate
+
+    out: dict[str, Any] = {}
+    for es in eval_sets:
+        out[es.name] = evaluate(pool, verifier, es, tokenizer, k=cfg.eval.k, temperature=cfg.eval.temperature,
+                                top_p=cfg.eval.top_p, top_k=cfg.eval.top_k,
+                                max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.trainer.seed)
+    out["id_accuracy"] = out["test"]["accuracy"] if "test" in out else None
+    out["ood_accuracy"] = out["ood"]["accuracy"] if "ood" in out else None
+    return out
+
+
+def eval_metrics(ev: dict[str, Any], k: int) -> dict[str, float]:
+    m = {}
+    for name, r in ev.items():
+        if isinstance(r, dict):
+            m[f"eval/{name}/avg@{k}"] = r["accuracy"]
+            m[f"eval/{name}/pass@{k}"] = r[f"pass@{k}"]
+            m[f"eval/{name}/response_length"] = r["response_length"]
+    return m
+
+
+def make_run_dir(cfg: Config) -> Path:
+    if cfg.trainer.run_dir:
+        return Path(cfg.trainer.run_dir)
+    try:  # under Hydra: the job's own output directory (one per multirun job)
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        name = cfg.logger.run_name or f"{cfg.algorithm.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(cfg.trainer.output_dir) / name
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    p = run_dir / "checkpoints" / "latest"
+    if not p.exists():
+        return None
+    ckpt = run_dir / "checkpoints" / p.read_text().strip()
+    return ckpt if ckpt.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------
+def run(cfg: Config) -> dict[str, Any]:
+    """Train according to ``cfg``; returns the summary (also written to <run_dir>/summary.json)."""
+    cfg = validate(to_config(cfg))  # fails here, before any actor starts
+    t_job = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    import ray
+
+    from trace_rl.algo import MethodInputs, compute_method, get_method
+    from trace_rl.algo.advantages import zero_variance_mask
+    from trace_rl.buffer import ReplayBuffer
+    from trace_rl.cluster import init_ray
+    from trace_rl.eval import EvalSet
+    from trace_rl.learner.group import LearnerGroup
+    from trace_rl.rewards.pool import VerifierPool
+    from trace_rl.rollout.base import SamplingSpec
+    from trace_rl.rollout.pool import RolloutPool
+    from trace_rl.tracking import Tracker
+
+    torch.manual_seed(cfg.trainer.seed)
+    random.seed(cfg.trainer.seed)
+    method = get_method(cfg.algorithm.name)
+    run_dir = make_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(run_dir) if cfg.trainer.resume else None
+    if cfg.trainer.resume and ckpt is None:
+        log.warning("trainer.resume=true but %s has no checkpoint: starting from scratch", run_dir)
+
+    # ---- data and model files (no actor yet)
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_problems, train_ids, dropped = tokenize_prompts(
+        load_split(cfg.data.task, "train", cfg.data.train_size, cfg.data.seed), tokenizer, cfg.data.max_prompt_length,
+        cfg.data.task)
+    if not train_problems:
+        raise ValueError(f"data.task={cfg.data.task!r} gave no usable training prompts "
+                         f"({dropped} longer than data.max_prompt_length={cfg.data.max_prompt_length})")
+    eval_sets = []
+    for name, spec in (("test", cfg.data.eval_test), ("ood", cfg.data.eval_ood)):
+        probs, ids, _ = tokenize_prompts(load_split(spec, name, cfg.data.eval_size, cfg.data.seed), tokenizer,
+                                         cfg.data.max_prompt_length, spec)
+        if probs:
+            eval_sets.append(EvalSet(name, probs, ids))
+    max_model_len = cfg.data.max_prompt_length + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+
+    # ---- services
+    cluster = init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus)
+    tracker = Tracker(run_dir, config=asdict(cfg), use_wandb=cfg.logger.wandb, wandb_mode=cfg.logger.wandb_mode,
+                      project=cfg.logger.project, entity=cfg.logger.entity,
+                      run_name=cfg.logger.run_name or run_dir.name, tags=cfg.logger.tags,
+                      console=cfg.logger.console, resume=ckpt is not None)
+    verifier = VerifierPool(cfg.trainer.verifier_workers, cfg.trainer.verifier_timeout_s)
+    pool = RolloutPool(model_path, engine=cfg.rollout.engine, num_engines=cfg.rollout.num_engines,
+                       dtype=cfg.model.dtype, seed=cfg.rollout.seed, max_model_len=max_model_len,
+                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                       enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                       cpus_per_engine=cfg.rollout.cpus_per_engine, gpus_per_engine=cfg.rollout.gpus_per_engine,
+                       trust_remote_code=cfg.model.trust_remote_code, pad_token_id=pad_id)
+    learners = LearnerGroup(cfg.learner, cfg.algorithm, cfg.model, model_path, seed=cfg.trainer.seed,
+                            placement_strategy=cfg.cluster.placement_strategy,
+                            placement_timeout_s=cfg.cluster.placement_timeout_s)
+    buffer = ReplayBuffer(capacity=2)
+    sampler = PromptSampler(len(train_problems), cfg.data.seed, cfg.data.shuffle)
+    train_spec = SamplingSpec(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+    params = asdict(cfg.algorithm)
+    shard_multiple = cfg.learner.num_ranks * cfg.algorithm.num_mini_batches
+
+    start_step, eval_before, totals = 0, None, {"nonfinite_steps": 0, "skipped_steps": 0}
+    if ckpt is not None:
+        state = json.loads((ckpt / "driver_state.json").read_text())
+        learners.load(str(ckpt / "learner"))
+        sampler.load_state_dict(state["sampler"])
+        random.setstate(_tuple_state(state["python_rng"]))
+        torch.set_rng_state(torch.load(ckpt / "torch_rng.pt"))
+        start_step, eval_before, totals = state["step"], state.get("eval_before"), state.get("totals", totals)
+        pool.update_weights(learners.state_dict_ref(), version=start_step)
+        print(f"resumed from {ckpt} at step {start_step}", flush=True)
+
+    summary: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "algorithm": cfg.algorithm.name,
+                               "model_path": model_path, "cluster": cluster,
+                               "data": {"train_prompts": len(train_problems), "train_prompts_dropped": dropped}}
+    if eval_before is None and cfg.eval.before:
+        t0 = time.perf_counter()
+        eval_before = run_evals(pool, verifier, eval_sets, tokenizer, cfg)
+        tracker.log({**eval_metrics(eval_before, cfg.eval.k), "timing_s/eval": time.perf_counter() - t0}, step=0)
+        print(f"eval before: in-distribution {eval_before['id_accuracy']} | OOD {eval_before['ood_accuracy']}", flush=True)
+
+    def save(step: int) -> None:
+        d = run_dir / "checkpoints" / f"step_{step}"
+        d.mkdir(parents=True, exist_ok=True)
+        learners.save(str(d / "learner"), client_state={"step": step})
+        torch.save(torch.get_rng_state(), d / "torch_rng.pt")
+        (d / "driver_state.json").write_text(json.dumps({
+            "step": step, "sampler": sampler.state_dict(), "python_rng": random.getstate(),
+            "eval_before": eval_before, "totals": totals}))
+        (run_dir / "checkpoints" / "latest").write_text(d.name)
+
+    nonfinite_streak = 0
+    step = start_step
+    for step in range(start_step, cfg.trainer.total_steps):
+        t_step = time.perf_counter()
+        timings: dict[str, float] = {}
+        metrics: dict[str, float] = {}
+
+        with timed(timings, "rollout"):
+            idx = sampler.next(cfg.data.prompts_per_step)
+            batch = pool.generate([train_ids[i] for i in idx], train_spec, version=step,
+                                  meta={"uid": [train_problems[i].uid for i in idx],
+                                        "answer": [train_problems[i].answer for i in idx]})
+
+        with timed(timings, "reward"):
+            texts = decode_responses(tokenizer, batch)
+            scores, vstats = verifier.score(list(zip(texts, batch.meta["answer"])))
+            batch.rewards = torch.tensor(scores, dtype=torch.float32)
+
+        with timed(timings, "advantage"):
+            out = compute_method(method, MethodInputs(batch.rewards, batch.group_ids, batch.response_mask), params)
+            batch.advantages, batch.channel_names, batch.channel_weights = (
+                out.advantages, out.channel_names, out.channel_weights)
+            metrics.update({f"advantage/{k}": v for k, v in out.metrics.items()})
+            zero_var = zero_variance_mask(batch.rewards, batch.group_ids)
+            learn_batch = batch.select(~zero_var) if cfg.algorithm.filter_zero_variance else batch
+
+        learn_metrics: dict[str, float] = {}
+        with timed(timings, "learn"):
+            if len(learn_batch) == 0:
+                totals["skipped_steps"] += 1  # every group was all-right or all-wrong: nothing to learn
+            else:
+                entry = buffer.put(pad_rows_to_multiple(learn_batch, shard_multiple))
+                learn_metrics = learners.train(buffer.pop(min_version=step).ref,
+                                               temperature=cfg.rollout.temperature, step=step)
+
+        with timed(timings, "sync"):
+            if learn_metrics:
+                pool.update_weights(learners.state_dict_ref(), version=step + 1)
+
+        if learn_metrics.get("nonfinite", 0) > 0:
+            totals["nonfinite_steps"] += 1
+            nonfinite_streak += 1
+            if nonfinite_streak > cfg.trainer.max_nan_steps:
+                raise RuntimeError(f"{nonfinite_streak} consecutive steps had a non-finite loss "
+                                   f"(trainer.max_nan_steps={cfg.trainer.max_nan_steps}); lower algorithm.lr")
+        else:
+            nonfinite_streak = 0
+
+        timings["timing_s/step"] = time.perf_counter() - t_step
+        n_tokens = batch.num_response_tokens()
+        lengths = batch.response_mask.sum(1).float()
+        metrics.update(timings)
+        metrics.update({f"actor/{k}": v for k, v in learn_metrics.items()})
+        metrics.update({
+            "train/reward_mean": batch.rewards.mean().item(),
+            "train/accuracy": (batch.rewards > 0.5).float().mean().item(),
+            "train/entropy": learn_metrics.get("entropy", float("nan")),
+            "train/response_length": lengths.mean().item(),
+            "train/truncated_frac": sum(r == "length" for r in batch.meta["finish_reason"]) / len(batch),
+            "train/zero_variance_frac": zero_var.float().mean().item(),
+            "train/learn_sequences": float(len(learn_batch)),
+            "route/pg_token_frac": 1.0 if len(learn_batch) else 0.0,
+            "reward/timeouts": float(vstats["timeouts"]), "reward/errors": float(vstats["errors"]),
+            "reward/timeouts_total": float(verifier.stats["timeouts"]),
+            "perf/throughput_tokens_per_s": n_tokens / max(timings["timing_s/step"], 1e-9),
+            "perf/rollout_tokens_per_s": n_tokens / max(timings["timing_s/rollout"], 1e-9),
+            "train/nonfinite_steps_total": float(totals["nonfinite_steps"]),
+        })
+        tracker.log(metrics, step=step + 1)
+        tracker.print_step(step + 1, cfg.trainer.total_steps, metrics)
+
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.trainer.total_steps:
+            tracker.log(eval_metrics(run_evals(pool, verifier, eval_sets, tokenizer, cfg), cfg.eval.k), step=step + 1)
+        if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
+            save(step + 1)
+
+    final_step = max(step + 1, start_step) if cfg.trainer.total_steps > start_step else start_step
+    eval_after = None
+    if cfg.eval.after:
+        eval_after = run_evals(pool, verifier, eval_sets, tokenizer, cfg)
+        tracker.log(eval_metrics(eval_after, cfg.eval.k), step=final_step)
+        print(f"eval after: in-distribution {eval_after['id_accuracy']} | OOD {eval_after['ood_accuracy']}", flush=True)
+    if cfg.trainer.save_final and final_step > 0:
+        save(final_step)
+        learners.export_hf(str(run_dir / "final_model"))
+        summary["final_model"] = str((run_dir / "final_model").resolve())
+
+    summary.update({"eval_before": eval_before, "eval_after": eval_after, "steps": final_step,
+                    "totals": totals, "verifier": dict(verifier.stats),
+                    "wall_time_s": time.perf_counter() - t_job})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"summary: {run_dir / 'summary.json'}", flush=True)
+
+    tracker.finish()
+    learners.shutdown()
+    pool.shutdown()
+    verifier.close()
+    if cluster.get("started_local"):
+        ray.shutdown()
+    return summary
+
+
+def _tuple_state(s):
+    """json turns random.getstate()'s tuples into lists; turn them back."""
+    return tuple(_tuple_state(x) if isinstance(x, list) else x for x in s)
+
+
+# ---------------------------------------------------------------------------------------------
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def main() -> None:
+    if any(a in ("--help", "-h") for a in sys.argv[1:]) and "hydra" not in " ".join(sys.argv):
+        from trace_rl.config import help_text
+
+        print(help_text())
+        print("Hydra: --cfg job prints the composed config, -m runs a sweep (e.g. -m algorithm.lr=1e-5,3e-5).")
+        return
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="trace_rl_schema", node=Config)
+    logging.basicConfig(level=os.environ.get("TRACE_RL_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
+
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    def _hydra_main(hcfg) -> None:
+        run(to_config(hcfg))
+
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
