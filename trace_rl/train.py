@@ -236,7 +236,8 @@ def run(cfg: Config) -> dict[str, Any]:
                        trust_remote_code=cfg.model.trust_remote_code, pad_token_id=pad_id)
     learners = LearnerGroup(cfg.learner, cfg.algorithm, cfg.model, model_path, seed=cfg.trainer.seed,
                             placement_strategy=cfg.cluster.placement_strategy,
-                            placement_timeout_s=cfg.cluster.placement_timeout_s)
+                            placement_timeout_s=cfg.cluster.placement_timeout_s,
+                            total_steps=cfg.trainer.total_steps)
     buffer = ReplayBuffer(capacity=2)
     sampler = PromptSampler(len(train_problems), cfg.data.seed, cfg.data.shuffle)
     train_spec = SamplingSpec(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -307,7 +308,8 @@ def run(cfg: Config) -> dict[str, Any]:
             else:
                 entry = buffer.put(pad_rows_to_multiple(learn_batch, shard_multiple))
                 learn_metrics = learners.train(buffer.pop(min_version=step).ref,
-                                               temperature=cfg.rollout.temperature, step=step)
+                                               temperature=cfg.rollout.temperature, step=step,
+                                               max_len=cfg.rollout.max_new_tokens)
 
         with timed(timings, "sync"):
             if learn_metrics:

@@ -1,0 +1,138 @@
+"""trace_rl/learner/loss.py: channel routing and global normalisation, without any model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trace_rl.batch import Batch
+from trace_rl.config import AlgorithmConfig
+from trace_rl.learner.loss import (CHANNEL_LOSSES, RESPONSE, Counts, channel_weights, check_channels, global_counts,
+                                   micro_batch_loss, register_channel_loss)
+
+from .learner_helpers import make_batch
+
+MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _inputs(batch: Batch, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B, R = len(batch), batch.response_len
+    m = batch.response_mask
+    logp = (-3 * torch.rand(B, R, generator=g) * m).requires_grad_()
+    old = (logp.detach() + 0.3 * torch.randn(B, R, generator=g)) * m
+    ent = (4 * torch.rand(B, R, generator=g) * m).requires_grad_()
+    ref = (logp.detach() + 0.2 * torch.randn(B, R, generator=g)) * m
+    return logp, old, ent, ref
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_micro_batch_losses_add_up_to_the_whole_batch_loss(mode):
+    """With the whole batch's counts, any split into micro-batches (or ranks) sums to the same loss and
+    the same gradient: the property that makes micro-batching and data parallelism exact."""
+    algo = AlgorithmConfig(loss_agg_mode=mode, kl_coef=0.1, entropy_coef=0.01)
+    batch = make_batch(B=10, seed=3)
+    logp, old, ent, ref = _inputs(batch)
+    counts = global_counts(batch)
+    whole = micro_batch_loss(batch, logp, old, counts, algo, entropy=ent, ref_logprobs=ref)
+    g_whole = torch.autograd.grad(whole.loss, [logp, ent])
+    parts, grads = [], []
+    for rows in (slice(0, 3), slice(3, 5), slice(5, 10)):
+        t = micro_batch_loss(batch.select(rows), logp[rows], old[rows], counts, algo, entropy=ent[rows],
+                             ref_logprobs=ref[rows])
+        parts.append(t.loss)
+    total = sum(parts)
+    grads = torch.autograd.grad(total, [logp, ent])
+    assert float(total.detach()) == pytest.approx(float(whole.loss.detach()), abs=1e-6)
+    for a, b in zip(grads, g_whole):
+        assert torch.allclose(a, b, atol=1e-7)
+    # and the loss is not trivially zero
+    assert abs(float(whole.loss.detach())) > 1e-3
+
+
+def test_token_mean_loss_equals_a_token_by_token_loop():
+    algo = AlgorithmConfig(loss_agg_mode="token-mean", kl_coef=0.1, entropy_coef=0.01, clip_eps_low=0.2,
+                           clip_eps_high=0.28)
+    batch = make_batch(B=6, seed=4)
+    logp, old, ent, ref = _inputs(batch, seed=1)
+    got = micro_batch_loss(batch, logp, old, global_counts(batch), algo, entropy=ent, ref_logprobs=ref)
+    w = batch.channel_weights[0]
+    pg, n_pg, kl, ent_sum, n_resp = 0.0, 0, 0.0, 0.0, 0
+    for i in range(len(batch)):
+        for t in range(batch.response_len):
+            if not batch.response_mask[i, t]:
+                continue
+            lp, o, a = float(logp[i, t].detach()), float(old[i, t]), float(batch.advantages[i, t])
+            r = torch.exp(torch.tensor(lp - o)).item()
+            rc = min(max(r, 0.8), 1.28)
+            if w[i, t] != 0:
+                pg += float(w[i, t]) * max(-a * r, -a * rc)
+                n_pg += 1
+            d = float(ref[i, t]) - lp
+            kl += torch.exp(torch.tensor(d)).item() - d - 1
+            ent_sum += float(ent[i, t].detach())
+            n_resp += 1
+    want = pg / n_pg + 0.1 * kl / n_resp - 0.01 * ent_sum / n_resp
+    assert float(got.loss.detach()) == pytest.approx(want, abs=1e-5)
+    assert float(got.parts["pg_loss"]) == pytest.approx(pg / n_pg, abs=1e-5)
+    assert float(got.parts["kl"]) == pytest.approx(kl / n_resp, abs=1e-5)
+
+
+def test_counts_are_taken_over_nonzero_channel_weights_and_all_response_tokens():
+    batch = make_batch(B=6, seed=2)
+    counts = global_counts(batch, max_len=50)
+    w = batch.channel_weights[0]
+    assert counts["pg"] == Counts(float((w != 0).sum()), float((w != 0).any(1).sum()), 50)
+    assert counts[RESPONSE].num_tokens == batch.num_response_tokens()
+    assert global_counts(batch)["pg"].max_len == batch.response_len
+
+
+def test_batch_without_channels_is_one_pg_channel_on_every_response_token():
+    batch = make_batch(B=4, seed=2)
+    plain = Batch(**{**batch.to_dict(), "channel_weights": None, "channel_names": ()})
+    weights = channel_weights(plain)
+    assert list(weights) == ["pg"] and torch.equal(weights["pg"], batch.response_mask.float())
+    check_channels(plain)
+
+
+def test_unknown_channel_kind_and_missing_fields_are_named():
+    batch = make_batch(B=4, seed=2)
+    odd = Batch(**{**batch.to_dict(), "channel_names": ("fancy:span",)})
+    with pytest.raises(ValueError, match=r"unknown channel loss kind 'fancy'.*known: .*pg"):
+        check_channels(odd)
+    no_adv = Batch(**{**batch.to_dict(), "advantages": None})
+    with pytest.raises(ValueError, match=r"channel 'pg' needs Batch\.advantages"):
+        check_channels(no_adv)
+
+
+def test_kl_without_reference_logprobs_is_an_error():
+    batch = make_batch(B=4, seed=2)
+    logp, old, ent, _ = _inputs(batch)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        micro_batch_loss(batch, logp, old, global_counts(batch), AlgorithmConfig(kl_coef=0.1))
+
+
+def test_a_registered_channel_kind_is_summed_in_by_name_prefix():
+    """A new objective is one registered function; channels 'kind:tag' route to it."""
+
+    @register_channel_loss("test_mle")
+    def mle(x):
+        from trace_rl.algo.aggregation import aggregate
+
+        return aggregate(-x.logprobs, x.weight, "token-mean", num_tokens=x.counts.num_tokens), {}
+
+    try:
+        batch = make_batch(B=6, seed=5)
+        w = batch.channel_weights[0]
+        span = (torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5).float() * batch.response_mask
+        two = Batch(**{**batch.to_dict(), "channel_names": ("pg", "test_mle:span"),
+                       "channel_weights": torch.stack([w, span])})
+        logp, old, _, _ = _inputs(two)
+        algo = AlgorithmConfig()
+        t = micro_batch_loss(two, logp, old, global_counts(two), algo)
+        want_mle = float(-(logp.detach() * span).sum() / (span != 0).sum())
+        assert float(t.parts["loss/test_mle:span"]) == pytest.approx(want_mle, abs=1e-6)
+        only_pg = micro_batch_loss(batch, logp, old, global_counts(batch), algo)
+        assert float(t.loss.detach()) == pytest.approx(float(only_pg.loss.detach()) + want_mle, abs=1e-6)
+        assert float(t.parts["pg_loss"]) == pytest.approx(float(only_pg.loss.detach()), abs=1e-6)
+    finally:
+        CHANNEL_LOSSES.pop("test_mle", None)
