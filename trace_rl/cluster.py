@@ -18,13 +18,19 @@ _ACTOR_ENV = {
     # torch tensors in the object store without pickling copies (STACK_NOTES: 0.65 s -> 1.6 ms / 200 MB)
     "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # keep per-step console output readable: no progress bars or info chatter from the actors
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TQDM_DISABLE": "1",
 }
 
 
 def actor_env() -> dict[str, str]:
     """Environment variables given to every trace_rl actor (merged into ``runtime_env.env_vars``)."""
     env = dict(_ACTOR_ENV)
-    for key in ("TRACE_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for key in ("TRACE_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_LOGGING_LEVEL",
+                "TRANSFORMERS_VERBOSITY"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

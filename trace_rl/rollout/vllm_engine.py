@@ -69,10 +69,15 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], spec: dict[str, Any]) -> list[Sample]:
         from vllm import SamplingParams
 
+        seed = spec.get("seed")
+        if seed is not None and not torch.cuda.is_available():
+            # vLLM's CPU sampler cannot use per-request generators with top-p/top-k ("CPU Generator
+            # does not use offset"); the engine-level seed still makes a run reproducible.
+            seed = None
         params = SamplingParams(
             n=spec.get("n", 1), temperature=spec.get("temperature", 1.0), top_p=spec.get("top_p", 1.0),
             top_k=spec.get("top_k", -1) if spec.get("top_k", -1) > 0 else 0,
-            max_tokens=spec.get("max_new_tokens", 128), logprobs=0, seed=spec.get("seed"),
+            max_tokens=spec.get("max_new_tokens", 128), logprobs=0, seed=seed,
         )
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         samples: list[Sample] = []
