@@ -8,11 +8,12 @@ checkpoint path and the accuracies. The build is cached (``trace_rl.models.cache
 only re-evaluates; ``--force`` rebuilds.
 
 The recipe (``trace_rl.models.build.TinyRecipe``) is tuned so that the whole command takes about
-3.5 minutes on 2 CPU cores (SFT ~175 s of it) and the SFT model solves some but far from all
-held-out problems, leaving RL room to improve it. Measured (2 cores, idle machine): test accuracy
-0.20 / 0.28 / 0.30 at temperature 1.0 / 0.6 / greedy (seed 0; 0.23 / 0.31 / 0.43 with seed 1),
-ood 0.015-0.02. Fewer SFT steps lower the accuracy steeply (same recipe, seed 1, checkpoints of
-the 1500-step run at temperature 0.6: 0.015 at 375 steps, 0.045 at 750, 0.10 at 1125, 0.31 at 1500).
+5.5 minutes on 2 CPU cores (SFT ~290 s of it) and the SFT model solves some but far from all
+held-out problems, leaving RL room to improve it. 60% of the SFT targets carry the "unboxed" habit
+(the answer line without ``\\boxed{}``), which RL must unlearn: see docs/results.md. Measured (2 cores,
+2026-11-23): test accuracy 0.395 / 0.370 / 0.000 at temperature 1.0 / 0.6 / greedy (greedy always
+picks the majority, unboxed form), ood 0.005. Without the habit and with 1500 SFT steps the
+model scored 0.20 / 0.28 / 0.30, and GRPO could not improve it within the demo's budget.
 """
 from __future__ import annotations
 

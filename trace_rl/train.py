@@ -175,8 +175,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------
 def run(cfg: Config) -> dict[str, Any]:
-    """Train according to ``cfg``; returns the summary (also written to <run_dir>/summary.json)."""
+    """Train according to ``cfg``; returns the summary (also written to <run_dir>/summary.json).
+
+    Whatever happens, the services this job started are shut down (in reverse order) before it
+    returns or raises, so the next job of a Hydra multirun starts clean.
+    """
     cfg = validate(to_config(cfg))  # fails here, before any actor starts
+    closers: list[tuple[str, Any]] = []
+    try:
+        return _run(cfg, closers)
+    finally:
+        for name, close in reversed(closers):
+            try:
+                close()
+            except Exception as e:  # a failing shutdown must not hide the job's own error
+                log.warning("shutting down %s failed: %s", name, e)
+
+
+def _run(cfg: Config, closers: list) -> dict[str, Any]:
     t_job = time.perf_counter()
     from transformers import AutoTokenizer
 
@@ -188,6 +204,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from trace_rl.cluster import init_ray
     from trace_rl.eval import EvalSet
     from trace_rl.learner.group import LearnerGroup
+    from trace_rl.rewards.math_reward import extract_boxed
     from trace_rl.rewards.pool import VerifierPool
     from trace_rl.rollout.base import SamplingSpec
     from trace_rl.rollout.pool import RolloutPool
@@ -223,21 +240,27 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # ---- services
     cluster = init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus)
+    if cluster.get("started_local"):
+        closers.append(("ray", ray.shutdown))
     tracker = Tracker(run_dir, config=asdict(cfg), use_wandb=cfg.logger.wandb, wandb_mode=cfg.logger.wandb_mode,
                       project=cfg.logger.project, entity=cfg.logger.entity,
                       run_name=cfg.logger.run_name or run_dir.name, tags=cfg.logger.tags,
                       console=cfg.logger.console, resume=ckpt is not None)
+    closers.append(("tracker", tracker.finish))
     verifier = VerifierPool(cfg.trainer.verifier_workers, cfg.trainer.verifier_timeout_s)
+    closers.append(("verifier pool", verifier.close))
     pool = RolloutPool(model_path, engine=cfg.rollout.engine, num_engines=cfg.rollout.num_engines,
                        dtype=cfg.model.dtype, seed=cfg.rollout.seed, max_model_len=max_model_len,
                        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                        enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                        cpus_per_engine=cfg.rollout.cpus_per_engine, gpus_per_engine=cfg.rollout.gpus_per_engine,
                        trust_remote_code=cfg.model.trust_remote_code, pad_token_id=pad_id)
+    closers.append(("rollout pool", pool.shutdown))
     learners = LearnerGroup(cfg.learner, cfg.algorithm, cfg.model, model_path, seed=cfg.trainer.seed,
                             placement_strategy=cfg.cluster.placement_strategy,
                             placement_timeout_s=cfg.cluster.placement_timeout_s,
                             total_steps=cfg.trainer.total_steps)
+    closers.append(("learner group", learners.shutdown))
     buffer = ReplayBuffer(capacity=2)
     sampler = PromptSampler(len(train_problems), cfg.data.seed, cfg.data.shuffle)
     train_spec = SamplingSpec(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -297,7 +320,7 @@ def run(cfg: Config) -> dict[str, Any]:
             out = compute_method(method, MethodInputs(batch.rewards, batch.group_ids, batch.response_mask), params)
             batch.advantages, batch.channel_names, batch.channel_weights = (
                 out.advantages, out.channel_names, out.channel_weights)
-            metrics.update({f"advantage/{k}": v for k, v in out.metrics.items()})
+            metrics.update(out.metrics)  # already namespaced: adv/..., route/..., coef/...
             zero_var = zero_variance_mask(batch.rewards, batch.group_ids)
             learn_batch = batch.select(~zero_var) if cfg.algorithm.filter_zero_variance else batch
 
@@ -338,6 +361,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "train/zero_variance_frac": zero_var.float().mean().item(),
             "train/learn_sequences": float(len(learn_batch)),
             "route/pg_token_frac": 1.0 if len(learn_batch) else 0.0,
+            "reward/no_answer_frac": sum(extract_boxed(t) is None for t in texts) / len(texts),
             "reward/timeouts": float(vstats["timeouts"]), "reward/errors": float(vstats["errors"]),
             "reward/timeouts_total": float(verifier.stats["timeouts"]),
             "perf/throughput_tokens_per_s": n_tokens / max(timings["timing_s/step"], 1e-9),
@@ -368,13 +392,6 @@ def run(cfg: Config) -> dict[str, Any]:
                     "wall_time_s": time.perf_counter() - t_job})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"summary: {run_dir / 'summary.json'}", flush=True)
-
-    tracker.finish()
-    learners.shutdown()
-    pool.shutdown()
-    verifier.close()
-    if cluster.get("started_local"):
-        ray.shutdown()
     return summary
 
 

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
+from trace_rl.tasks.arith import generate
+
 from trace_rl.models.build import TinyRecipe, arith_prompt, sft_rows, tokenizer_corpus
 from trace_rl.models.tokenizer import IM_END, IM_START, build_tokenizer
 
@@ -58,3 +62,23 @@ def test_tokenizer_corpus_covers_prompts_and_solutions():
     # The task's words became whole tokens: a solution line costs few tokens per character.
     line = problems[0].solution.split("\n")[-1]            # "The answer is \boxed{N}."
     assert len(tok(line, add_special_tokens=False)["input_ids"]) <= len(line) // 2
+
+
+def test_sft_habits_change_only_their_fraction_of_targets(small_tokenizer):
+    problems = generate("train", 400, seed=0)
+    clean = sft_rows(problems, small_tokenizer)
+    unboxed = sft_rows(problems, small_tokenizer, "unboxed", 0.6, seed=0)
+    shortcut = sft_rows(problems, small_tokenizer, "shortcut", 0.6, seed=0)
+    assert [r["prompt"] for r in unboxed] == [r["prompt"] for r in clean]
+    flawed = [i for i, (a, b) in enumerate(zip(clean, unboxed)) if a["response"] != b["response"]]
+    assert 0.5 < len(flawed) / len(problems) < 0.7
+    for i in flawed:
+        p = problems[i]
+        # the working is intact; only the box around the final answer is gone
+        assert unboxed[i]["response"] == p.solution.replace(f"\\boxed{{{p.answer}}}", p.answer)
+        assert "\\boxed" not in unboxed[i]["response"]
+        assert shortcut[i]["response"] == f"The answer is \\boxed{{{p.answer}}}."
+    # same seed -> the same rows carry the habit, whatever the habit
+    assert flawed == [i for i, (a, b) in enumerate(zip(clean, shortcut)) if a["response"] != b["response"]]
+    with pytest.raises(ValueError, match="sft_habit"):
+        sft_rows(problems, small_tokenizer, "typos", 0.5)

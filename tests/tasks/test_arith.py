@@ -136,11 +136,20 @@ def test_every_reference_is_correct_and_within_spec(split):
         assert p.source == f"arith:{split}"
 
 
-def test_ood_is_longer_and_larger():
-    train = generate("train", 500)
+def test_ood_has_larger_numbers_and_no_train_chain():
+    train = generate("train", 3000)
     ood = generate("ood", 500)
-    assert min(len(p.meta["ops"]) for p in ood) > max(len(p.meta["ops"]) for p in train)
+    # every ood chain starts above anything train starts with, and reaches larger values
+    assert min(p.meta["values"][0] for p in ood) > max(p.meta["values"][0] for p in train)
     assert max(max(p.meta["values"]) for p in ood) > max(max(p.meta["values"]) for p in train)
+    assert min(len(p.meta["ops"]) for p in ood) >= 3
+    sig = lambda p: (p.meta["start"], tuple(map(tuple, p.meta["ops"])))  # noqa: E731
+    assert not {sig(p) for p in train} & {sig(p) for p in ood}
+
+
+def test_min_start_is_validated():
+    with pytest.raises(ValueError, match="min_start"):
+        generate("ood", 5, spec=ArithSpec(min_start=60, max_operand=49))
 
 
 def test_step_kind_matches_digit_reference():
@@ -156,7 +165,7 @@ def test_step_kind_matches_digit_reference():
 
 def test_length_budget():
     """Whole in-distribution prompt + solution stays short (the tiny model's context is small)."""
-    for split, max_chars, mean_chars in (("train", 300, 220), ("test", 300, 220), ("ood", 420, 340)):
+    for split, max_chars, mean_chars in (("train", 300, 220), ("test", 300, 220), ("ood", 360, 300)):
         problems = generate(split, 1000)
         lengths = [len(p.question) + len(p.solution) for p in problems]
         assert max(lengths) <= max_chars, (split, max(lengths))

@@ -40,7 +40,7 @@ class TinyRecipe:
     """Seed of the arith train problems (tokenizer corpus and SFT data)."""
     sft_problems: int = 16000
     """Arith train problems in the SFT data (one row each; steps * batch_size of them are seen)."""
-    sft_steps: int = 1500
+    sft_steps: int = 3000
     """SFT optimizer steps."""
     sft_lr: float = 2e-3
     """SFT peak learning rate."""
@@ -56,6 +56,12 @@ class TinyRecipe:
     """AdamW weight decay on matrices."""
     sft_seed: int = 0
     """Seed of the SFT data order."""
+    sft_habit: str = "unboxed"
+    """A flaw taught to a fraction of the SFT targets, which RL must then unlearn: "none";
+    "unboxed" (the last line states the answer without \\boxed{}, so the reward cannot see it);
+    "shortcut" (the steps are skipped and the answer stated at once, mostly wrong)."""
+    sft_habit_frac: float = 0.6
+    """Fraction of SFT targets with the habit (seeded, per row)."""
 
     def key(self, stage: str) -> dict:
         """The JSON-able settings ``stage``'s weights depend on (stage "sft" includes "base")."""
@@ -99,9 +105,28 @@ def arith_prompt(problem, tokenizer) -> str:
     return render_prompt(problem, tokenizer, instruction=ARITH_INSTRUCTION)
 
 
-def sft_rows(problems, tokenizer) -> list[dict]:
-    """``{"prompt", "response"}`` rows: chat-formatted question, reference solution as target."""
-    return [{"prompt": arith_prompt(p, tokenizer), "response": p.solution} for p in problems]
+HABITS = ("none", "unboxed", "shortcut")
+
+
+def sft_rows(problems, tokenizer, habit: str = "none", habit_frac: float = 0.0, seed: int = 0) -> list[dict]:
+    """``{"prompt", "response"}`` rows: chat-formatted question, reference solution as target; a
+    seeded ``habit_frac`` of the targets carry ``habit`` (see ``TinyRecipe.sft_habit``)."""
+    import random
+
+    if habit not in HABITS:
+        raise ValueError(f"sft_habit={habit!r} is unknown; use one of {', '.join(HABITS)}")
+    rng = random.Random(f"trace_rl.sft_habit/{seed}")
+    rows = []
+    for p in problems:
+        target = p.solution
+        if habit != "none" and rng.random() < habit_frac:
+            last = p.solution.strip().splitlines()[-1]
+            if habit == "shortcut":
+                target = last
+            else:  # unboxed: "The answer is \boxed{N}." -> "The answer is N."
+                target = p.solution.replace(f"\\boxed{{{p.answer}}}", p.answer)
+        rows.append({"prompt": arith_prompt(p, tokenizer), "response": target})
+    return rows
 
 
 def tokenizer_corpus(problems) -> list[str]:
@@ -160,7 +185,7 @@ def build_sft(recipe: TinyRecipe, base_dir: str | Path, out_dir: str | Path, *,
     problems = generate("train", recipe.sft_problems, seed=recipe.data_seed)
     data = out / "sft_data.jsonl"
     with data.open("w") as f:
-        for row in sft_rows(problems, tok):
+        for row in sft_rows(problems, tok, recipe.sft_habit, recipe.sft_habit_frac, recipe.sft_seed):
             f.write(json.dumps(row) + "\n")
     res = sft(base_dir, data, out, steps=recipe.sft_steps, lr=recipe.sft_lr, batch_size=recipe.sft_batch_size,
               max_len=recipe.sft_max_len, warmup_steps=recipe.sft_warmup_steps,
