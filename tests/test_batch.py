@@ -64,3 +64,51 @@ def test_position_ids_skip_left_padding():
     b.prompt_mask = torch.tensor([[False, False, True, True]])
     b.response_mask = torch.tensor([[True, True]])
     assert b.position_ids().tolist() == [[0, 0, 0, 1, 2, 3]]
+
+
+def with_teacher(b: Batch, K: int = 3, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    B, R = len(b), b.response_len
+    return Batch(**{**b.to_dict(), "channel_norms": ("token",) * len(b.channel_names),
+                    "teacher_topk_ids": torch.randint(0, 50, (B, R, K), generator=g),
+                    "teacher_topk_logprobs": -torch.rand(B, R, K, generator=g),
+                    "teacher_logprobs": -torch.rand(B, R, generator=g)})
+
+
+def test_teacher_fields_and_channel_norms_follow_select_split_and_concat():
+    b = with_teacher(make_batch(B=6, channels=("pg", "fkl:key")))
+    b.validate()
+    part = b.split(3)[1]
+    assert part.channel_norms == ("token", "token")
+    assert torch.equal(part.teacher_topk_ids, b.teacher_topk_ids[2:4])
+    assert torch.equal(part.teacher_logprobs, b.teacher_logprobs[2:4])
+    x = with_teacher(make_batch(B=2, R=4, seed=1, channels=("pg", "fkl:key")), seed=1)
+    y = with_teacher(make_batch(B=3, R=2, seed=2, channels=("pg", "fkl:key")), seed=2)
+    c = Batch.concat([x, y])
+    c.validate()
+    assert c.teacher_topk_ids.shape == (5, 4, 3) and c.teacher_logprobs.shape == (5, 4)
+    assert torch.equal(c.teacher_topk_logprobs[2:, :2], y.teacher_topk_logprobs)
+    assert (c.teacher_topk_ids[2:, 2:] == 0).all() and (c.teacher_logprobs[2:, 2:] == 0).all()
+    assert c.channel_norms == ("token", "token")
+    other = Batch(**{**y.to_dict(), "channel_norms": ("agg", "seq")})
+    with pytest.raises(ValueError, match="different channel_norms"):
+        Batch.concat([x, other])
+    k4 = with_teacher(make_batch(B=3, R=2, seed=2, channels=("pg", "fkl:key")), K=4)
+    with pytest.raises(ValueError, match="teacher_topk_ids with different K"):
+        Batch.concat([x, k4])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"channel_norms": ("token",)}, "channel_norms has 1 entries for 2"),
+    ({"channel_norms": ("token", "mean")}, "channel_norms has \\['mean'\\]"),
+    ({"teacher_topk_logprobs": None}, "must be set together"),
+    ({"teacher_topk_ids": torch.zeros(6, 5, dtype=torch.long)}, "teacher_topk_ids has shape \\(6, 5\\)"),
+    ({"teacher_topk_logprobs": torch.zeros(6, 5, 2)}, "must have the same shape"),
+    ({"teacher_topk_ids": torch.zeros(6, 5, 3)}, "integer token ids"),
+    ({"teacher_logprobs": torch.zeros(6, 4)}, "Batch.teacher_logprobs has shape"),
+])
+def test_validate_checks_the_teacher_fields_and_norms(change, match):
+    b = with_teacher(make_batch(B=6, channels=("pg", "fkl:key")))
+    bad = Batch(**{**b.to_dict(), **change})
+    with pytest.raises(ValueError, match=match):
+        bad.validate()

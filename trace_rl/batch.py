@@ -20,12 +20,15 @@ group_ids                     driver       [B] long, same id = same prompt (a GR
 rewards                       reward       [B] float32, outcome reward
 advantages                    advantage    [B, R] float32, per-token advantage
 channel_weights               advantage    [C, B, R] float32, weight of each token in channel c
-channel_names                 advantage    C names, e.g. ("pg",)
-teacher_topk_ids / _logprobs  teacher      [B, R, K] optional
+channel_names                 advantage    C names, e.g. ("pg",) or ("pg", "fkl:key")
+channel_norms                 advantage    C normalisers in ("agg", "token", "seq"), or () = all "agg"
+teacher_topk_ids              teacher      [B, R, K] long, the teacher's top-k token ids
+teacher_topk_logprobs         teacher      [B, R, K] float32, their log-probs (full-vocab normalised)
+teacher_logprobs              teacher      [B, R] float32, teacher log-prob of the sampled token
 ============================  ===========  ===========================================
 
-Only torch and the standard library are imported here, so the algorithm core and the tests
-can build batches without Ray.
+Only torch, the standard library and the pure-torch ``trace_rl.algo`` are imported here, so the
+algorithm core and the tests can build batches without Ray.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from trace_rl.algo.channels import CHANNEL_NORMS
 
 
 @dataclass
@@ -49,8 +54,10 @@ class Batch:
     advantages: torch.Tensor | None = None
     channel_weights: torch.Tensor | None = None
     channel_names: tuple[str, ...] = ()
+    channel_norms: tuple[str, ...] = ()
     teacher_topk_ids: torch.Tensor | None = None
     teacher_topk_logprobs: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
     # Non-tensor, per-sequence information (problem ids, etc.); never sent to the learner's math.
     meta: dict[str, list[Any]] = field(default_factory=dict)
 
@@ -125,7 +132,10 @@ class Batch:
             if f.name == "meta":
                 keys = set().union(*[v.keys() for v in vals])
                 out["meta"] = {k: sum((v.get(k, [None] * len(b)) for v, b in zip(vals, batches)), []) for k in keys}
-            elif f.name == "channel_names":
+            elif f.name in ("channel_names", "channel_norms"):
+                if any(tuple(v) != tuple(vals[0]) for v in vals):
+                    raise ValueError(f"cannot concatenate batches with different {f.name}: "
+                                     f"{sorted({tuple(v) for v in vals})}")
                 out[f.name] = vals[0]
             elif all(v is None for v in vals):
                 out[f.name] = None
@@ -136,7 +146,9 @@ class Batch:
                 out[f.name] = torch.cat([_pad_to(v, P, dim=1, value=fill, left=True) for v in vals])
             elif f.name == "channel_weights":
                 out[f.name] = torch.cat([_pad_to(v, R, dim=2) for v in vals], dim=1)
-            elif vals[0].dim() >= 2:  # per-token response fields
+            elif vals[0].dim() == 3 and len({v.shape[2] for v in vals}) > 1:
+                raise ValueError(f"cannot concatenate {f.name} with different K: {sorted({v.shape[2] for v in vals})}")
+            elif vals[0].dim() >= 2:  # per-token response fields ([B, R] or [B, R, K])
                 fill = pad_token_id if f.name == "response_ids" else 0
                 out[f.name] = torch.cat([_pad_to(v, R, dim=1, value=fill) for v in vals])
             else:
@@ -152,7 +164,7 @@ class Batch:
         expect = {
             "prompt_ids": (B, P), "prompt_mask": (B, P), "response_ids": (B, R),
             "response_mask": (B, R), "behaviour_logprobs": (B, R), "group_ids": (B,),
-            "policy_version": (B,), "rewards": (B,), "advantages": (B, R),
+            "policy_version": (B,), "rewards": (B,), "advantages": (B, R), "teacher_logprobs": (B, R),
         }
         for name, shape in expect.items():
             v = getattr(self, name)
@@ -164,6 +176,25 @@ class Batch:
                 raise ValueError(
                     f"Batch.channel_weights has shape {tuple(self.channel_weights.shape)}, expected "
                     f"({C}, {B}, {R}) for channel_names={self.channel_names}")
+        if self.channel_norms:
+            if len(self.channel_norms) != len(self.channel_names):
+                raise ValueError(f"Batch.channel_norms has {len(self.channel_norms)} entries for "
+                                 f"{len(self.channel_names)} channel_names; give one per channel or () for all 'agg'")
+            bad = [n for n in self.channel_norms if n not in CHANNEL_NORMS]
+            if bad:
+                raise ValueError(f"Batch.channel_norms has {bad}; each must be one of {CHANNEL_NORMS}")
+        ids, lps = self.teacher_topk_ids, self.teacher_topk_logprobs
+        if (ids is None) != (lps is None):
+            raise ValueError("Batch.teacher_topk_ids and Batch.teacher_topk_logprobs must be set together")
+        if ids is not None:
+            for name, v in (("teacher_topk_ids", ids), ("teacher_topk_logprobs", lps)):
+                if v.dim() != 3 or tuple(v.shape[:2]) != (B, R):
+                    raise ValueError(f"Batch.{name} has shape {tuple(v.shape)}, expected ({B}, {R}, K)")
+            if ids.shape != lps.shape:
+                raise ValueError(f"Batch.teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs "
+                                 f"{tuple(lps.shape)} must have the same shape")
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise ValueError(f"Batch.teacher_topk_ids must hold integer token ids, got {ids.dtype}")
 
 
 def _pad_to(t: torch.Tensor, size: int, dim: int, value: float = 0, left: bool = False) -> torch.Tensor:

@@ -21,6 +21,25 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------
 @dataclass
+class ScheduleConfig:
+    """A coefficient over training steps (``trace_rl.algo.schedules``)."""
+    name: str = "constant"
+    """constant | hold_linear | cosine | step."""
+    start: float = 1.0
+    """Value at step 0 (the peak of hold_linear / cosine)."""
+    end: float = 0.0
+    """Final value (hold_linear, cosine)."""
+    hold_steps: int = 0
+    """hold_linear / cosine: steps held at start before decaying."""
+    decay_steps: int = 0
+    """hold_linear / cosine: steps from start to end."""
+    step_size: int = 1
+    """step: multiply by gamma every step_size steps."""
+    gamma: float = 0.5
+    """step: multiplicative factor."""
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "grpo"
     """Registered method (see ``python -m trace_rl.algo``): grpo, dapo, dr_grpo, ..."""
@@ -70,6 +89,57 @@ class AlgorithmConfig:
     """Linear learning-rate warm-up, in optimizer steps."""
     lr_schedule: str = "constant"
     """constant | cosine (decays to 0 over trainer.total_steps)."""
+
+    # ---- token-routed objectives (docs/methods/<name>.md); each method reads only its own fields
+    vocab_kl_tail: str = "bucket"
+    """Teacher top-k KL: bucket (the mass outside the top-k is one extra entry), renorm (both
+    distributions renormalised over the top-k, as SCOPE) or ignore (sum over the top-k only, as verl)."""
+    vocab_kl_entry_clip: Optional[float] = None
+    """Clamp each vocabulary entry's KL term to at most this value (TRACE: 0.05); null disables."""
+    jsd_beta: float = 0.5
+    """Generalized JSD interpolation beta (jsd channels)."""
+    correct_threshold: float = 0.5
+    """A rollout counts as correct when its reward is above this (trace, scope)."""
+    trace_lambda: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
+        name="hold_linear", start=0.5, hold_steps=10, decay_steps=30))
+    """TRACE KL coefficient over steps (default 0.5 for 10 steps, then linearly to 0 over 30); the
+    teacher and the annotator are not called once it reaches 0."""
+    trace_key_kl: bool = True
+    """TRACE: forward KL(teacher || student) on key spans of correct rollouts."""
+    trace_error_kl: bool = True
+    """TRACE: reverse KL(student || teacher) on error spans of incorrect rollouts."""
+    opd_divergence: str = "forward"
+    """self_opd: forward | reverse | jsd KL to the privileged teacher on every token."""
+    opd_coef: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """self_opd: coefficient of the all-token KL over steps."""
+    opd_with_grpo: bool = False
+    """self_opd: add the GRPO channel (False = pure on-policy distillation)."""
+    scope_tau: float = 1.0
+    """SCOPE: temperature of the in-group softmax of perplexity weights."""
+    scope_weighting: str = "paper"
+    """SCOPE: paper (student PPL^(+1/tau), weights sum to 1) or code (the released scripts' inversion)."""
+    scope_divergence: str = "reverse"
+    """SCOPE: KL direction on incorrect rollouts: forward | reverse."""
+    scope_mle_coef: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """SCOPE: coefficient of the MLE path (correct rollouts)."""
+    scope_kl_coef: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """SCOPE: coefficient of the KL path (incorrect rollouts)."""
+    tempo_td_coef: float = 1.0
+    """TEMPO: weight of the branch-gated TD correction added to the GRPO advantage."""
+    tip_budget: float = 0.5
+    """TIP: fraction of response tokens that receive the distillation loss."""
+    tip_overconfident_share: float = 0.5
+    """TIP: share of the budget for low-entropy tokens with high teacher-student divergence."""
+    tip_low_entropy_quantile: float = 0.5
+    """TIP: entropy quantile below which a token counts as low-entropy."""
+    tip_divergence: str = "reverse"
+    """TIP: forward | reverse | jsd on the selected tokens."""
+    tip_coef: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """TIP: coefficient of the distillation channel."""
+    div_weight_power: float = 1.0
+    """div_weighted: exponent of the per-token divergence weight."""
+    div_weight_mix: float = 1.0
+    """div_weighted: mix between uniform (0) and divergence (1) weights."""
 
 
 @dataclass
@@ -240,6 +310,43 @@ class TrainerConfig:
 
 
 @dataclass
+class TeacherConfig:
+    kind: str = "self"
+    """self: the policy under privileged context, re-synced from the learner every resync_every steps;
+    frozen: a fixed checkpoint (teacher.model_path, default the initial policy)."""
+    engine: str = "hf"
+    """Scoring engine: hf (a forward pass; cheapest on CPU) or vllm (prompt_logprobs; GPU nodes)."""
+    model_path: Optional[str] = None
+    """Checkpoint of a frozen teacher (null: the initial policy, model.path)."""
+    num_actors: int = 1
+    """Teacher engine actors; a batch is split across them."""
+    top_k: int = 32
+    """Teacher top-k returned per response token (ids + log-probs) for vocabulary KL channels."""
+    resync_every: int = 10
+    """A self teacher takes the learner's weights every this many steps (TRACE: 10); 0 never."""
+    privileged: list[str] = field(default_factory=lambda: ["solution"])
+    """What the teacher prompt shows besides the question: solution, answer, hint, label (the annotator's
+    coarse type label). Span text and positions are never shown."""
+    cpus_per_actor: int = 1
+    """Ray CPUs per teacher actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs per teacher actor (0 on CPU machines)."""
+    gpu_memory_utilization: float = 0.2
+    """vLLM memory fraction of a teacher engine."""
+
+
+@dataclass
+class AnnotatorConfig:
+    kind: str = "oracle"
+    """oracle: the task's step checker (arith); random: random spans of the same coverage (the "no
+    annotator" ablation); none: no spans (every token stays on the GRPO channel)."""
+    span_cap: float = 0.25
+    """Most span tokens per response, as a fraction of its length (TRACE: 25%)."""
+    random_coverage: float = 0.25
+    """Character coverage of the random annotator's span."""
+
+
+@dataclass
 class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -250,9 +357,12 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
 
 
-GROUPS = ("algorithm", "model", "data", "rollout", "eval", "learner", "cluster", "logger", "trainer")
+GROUPS = ("algorithm", "model", "data", "rollout", "eval", "learner", "cluster", "logger", "trainer", "teacher",
+          "annotator")
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +409,8 @@ def help_text() -> str:
 _CHOICES = {
     ("algorithm", "singleton_group"): ("unit", "zero"),
     ("algorithm", "loss_agg_mode"): ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                     "seq-mean-token-sum-norm"),
+                                     "seq-mean-token-sum-norm", "balanced"),
+    ("algorithm", "vocab_kl_tail"): ("bucket", "renorm", "ignore"),
     ("algorithm", "old_logprobs"): ("recompute", "behaviour"),
     ("algorithm", "lr_schedule"): ("constant", "cosine"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
@@ -310,7 +421,34 @@ _CHOICES = {
     ("cluster", "placement_strategy"): ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     ("logger", "wandb_mode"): ("offline", "online", "disabled"),
     ("logger", "console"): ("line", "none"),
+    ("teacher", "kind"): ("self", "frozen"),
+    ("teacher", "engine"): ("hf", "vllm"),
+    ("annotator", "kind"): ("oracle", "random", "none"),
 }
+
+
+def dry_run_method(a: AlgorithmConfig) -> str | None:
+    """Run the configured method once on a 2 x 3 dummy batch carrying every input any method can
+    need, at step 0, so that a bad method parameter fails here (before any actor starts) with the
+    method's own message. Returns that message, or None."""
+    import torch
+
+    from trace_rl.algo import MethodInputs, compute_method
+
+    B, R, K = 4, 3, 2
+    extra = {"teacher_topk_ids": torch.zeros(B, R, K, dtype=torch.long),
+             "teacher_topk_logprobs": torch.full((B, R, K), -1.0), "teacher_logprobs": torch.full((B, R), -1.0),
+             "key_mask": torch.ones(B, R, dtype=torch.bool), "error_mask": torch.ones(B, R, dtype=torch.bool),
+             "entropy": torch.ones(B, R), "response_ids": torch.arange(B * R).view(B, R) % 5,
+             "ref_logprobs": torch.full((B, R), -1.0)}
+    inputs = MethodInputs(rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]), group_ids=torch.tensor([0, 0, 1, 1]),
+                          response_mask=torch.ones(B, R, dtype=torch.bool), extra=extra,
+                          behaviour_logprobs=torch.full((B, R), -1.0))
+    try:
+        compute_method(a.name, inputs, {**dataclasses.asdict(a), "step": 0})
+    except (ValueError, TypeError, KeyError) as e:
+        return f"algorithm.{e}" if not str(e).startswith("algorithm") else str(e)
+    return None
 
 
 def validate(cfg: Config) -> Config:
@@ -332,6 +470,11 @@ def validate(cfg: Config) -> Config:
     if a.name not in known["methods"]:
         err("algorithm.name", f"unknown algorithm {a.name!r}",
             f"use one of {', '.join(sorted(known['methods']))} (python -m trace_rl.algo lists them)")
+    else:
+        problem = dry_run_method(a)
+        if problem:
+            err(f"algorithm ({a.name})", problem, "fix the field named in the message (docs/methods/"
+                f"{a.name}.md lists them)")
     if a.adv_estimator not in known["advantage_estimators"]:
         err("algorithm.adv_estimator", f"unknown advantage estimator {a.adv_estimator!r}",
             f"use one of {', '.join(sorted(known['advantage_estimators']))}")
@@ -424,6 +567,28 @@ def validate(cfg: Config) -> Config:
         import os
         if not os.environ.get("WANDB_API_KEY") and not os.path.exists(os.path.expanduser("~/.netrc")):
             err("logger.wandb_mode", "online W&B needs credentials", "set WANDB_API_KEY, or use logger.wandb_mode=offline")
+
+    tc, an = cfg.teacher, cfg.annotator
+    if tc.top_k < 1:
+        err("teacher.top_k", f"{tc.top_k} < 1", "use e.g. 32 (TRACE-style vocabulary KL on the teacher's top-k)")
+    if tc.resync_every < 0:
+        err("teacher.resync_every", f"{tc.resync_every} < 0", "use 10 (TRACE) or 0 to never re-sync")
+    if tc.num_actors < 1:
+        err("teacher.num_actors", f"{tc.num_actors} < 1", "use 1 or more")
+    from trace_rl.teacher.prompts import PRIVILEGED_FIELDS
+
+    bad = [f for f in tc.privileged if f not in PRIVILEGED_FIELDS]
+    if bad:
+        err("teacher.privileged", f"unknown fields {bad}", f"use a subset of {list(PRIVILEGED_FIELDS)}")
+    if tc.model_path is not None:
+        import os
+        if not os.path.exists(os.path.join(tc.model_path, "config.json")):
+            err("teacher.model_path", f"{tc.model_path!r} is not a Hugging Face checkpoint directory",
+                "give a local checkpoint, or null for the initial policy")
+    if not (0 < an.span_cap <= 1):
+        err("annotator.span_cap", f"{an.span_cap} is outside (0, 1]", "use 0.25 (TRACE)")
+    if not (0 < an.random_coverage <= 1):
+        err("annotator.random_coverage", f"{an.random_coverage} is outside (0, 1]", "use 0.25")
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

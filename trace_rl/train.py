@@ -266,6 +266,49 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     train_spec = SamplingSpec(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
     params = asdict(cfg.algorithm)
+
+    # ---- what the method needs beyond rewards: an annotator, a privileged-context teacher
+    from trace_rl.algo.exposure import ExposureTracker, teacher_coef
+    from trace_rl.algo.methods.base import TEACHER_NEEDS
+    from trace_rl.annotate import get_annotator
+    from trace_rl.routing import InputGatherer
+    from trace_rl.tasks import instruction_for
+    from trace_rl.teacher import PrivilegedPromptBuilder
+
+    teacher = None
+    if method.needs & TEACHER_NEEDS:
+        from trace_rl.teacher.service import TeacherService
+
+        tc = cfg.teacher
+        teacher = TeacherService(tc.model_path or model_path, kind=tc.kind, engine=tc.engine,
+                                 num_actors=tc.num_actors, top_k=tc.top_k, resync_every=tc.resync_every,
+                                 dtype=cfg.model.dtype, max_model_len=max_model_len + 2 * cfg.data.max_prompt_length,
+                                 cpus_per_actor=tc.cpus_per_actor, gpus_per_actor=tc.gpus_per_actor,
+                                 gpu_memory_utilization=tc.gpu_memory_utilization,
+                                 trust_remote_code=cfg.model.trust_remote_code, seed=cfg.trainer.seed)
+        closers.append(("teacher", teacher.shutdown))
+    annotator = None
+    if "annotations" in method.needs:
+        annotator = get_annotator(cfg.annotator.kind, coverage=cfg.annotator.random_coverage, seed=cfg.trainer.seed)
+    gatherer = InputGatherer(
+        tokenizer=tokenizer, problems={p.uid: p for p in train_problems}, annotator=annotator,
+        span_cap=cfg.annotator.span_cap, teacher=teacher, learners=learners, temperature=cfg.rollout.temperature,
+        prompt_builder=PrivilegedPromptBuilder(fields=tuple(cfg.teacher.privileged),
+                                               instruction=instruction_for(cfg.data.task)))
+    exposure = ExposureTracker()
+    probe = None
+    if annotator is not None and eval_sets:
+        from trace_rl.routing import key_token_probe
+
+        probe = key_token_probe(eval_sets[0].problems, eval_sets[0].prompt_ids, tokenizer, annotator,
+                                cfg.annotator.span_cap)
+
+    def key_lift() -> dict[str, float]:
+        """Log-prob lift of the probe's key tokens since the previous evaluation (exposure/...)."""
+        if probe is None:
+            return {}
+        exposure.record_key_logprobs(learners.logprobs(probe[0], temperature=1.0), probe[1])
+        return {k: v for k, v in exposure.metrics().items() if "key_logprob" in k}
     shard_multiple = cfg.learner.num_ranks * cfg.algorithm.num_mini_batches
 
     start_step, eval_before, totals = 0, None, {"nonfinite_steps": 0, "skipped_steps": 0}
@@ -276,7 +319,12 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
         random.setstate(_tuple_state(state["python_rng"]))
         torch.set_rng_state(torch.load(ckpt / "torch_rng.pt"))
         start_step, eval_before, totals = state["step"], state.get("eval_before"), state.get("totals", totals)
+        if state.get("exposure"):
+            exposure.load_state_dict(state["exposure"])
         pool.update_weights(learners.state_dict_ref(), version=start_step)
+        if teacher is not None and teacher.kind == "self" and teacher.resync_every > 0:
+            # the teacher's last sync happened at the latest multiple of resync_every
+            teacher.sync(learners.state_dict_ref(), version=start_step)
         print(f"resumed from {ckpt} at step {start_step}", flush=True)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "algorithm": cfg.algorithm.name,
@@ -285,7 +333,8 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     if eval_before is None and cfg.eval.before:
         t0 = time.perf_counter()
         eval_before = run_evals(pool, verifier, eval_sets, tokenizer, cfg)
-        tracker.log({**eval_metrics(eval_before, cfg.eval.k), "timing_s/eval": time.perf_counter() - t0}, step=0)
+        tracker.log({**eval_metrics(eval_before, cfg.eval.k), **key_lift(), "timing_s/eval": time.perf_counter() - t0},
+                    step=0)
         print(f"eval before: in-distribution {eval_before['id_accuracy']} | OOD {eval_before['ood_accuracy']}", flush=True)
 
     def save(step: int) -> None:
@@ -295,7 +344,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
         torch.save(torch.get_rng_state(), d / "torch_rng.pt")
         (d / "driver_state.json").write_text(json.dumps({
             "step": step, "sampler": sampler.state_dict(), "python_rng": random.getstate(),
-            "eval_before": eval_before, "totals": totals}))
+            "eval_before": eval_before, "totals": totals, "exposure": exposure.state_dict()}))
         (run_dir / "checkpoints" / "latest").write_text(d.name)
 
     nonfinite_streak = 0
@@ -316,13 +365,30 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
             scores, vstats = verifier.score(list(zip(texts, batch.meta["answer"])))
             batch.rewards = torch.tensor(scores, dtype=torch.float32)
 
+        step_params = {**params, "step": step}
+        needs = method.needs_at(step, step_params)
+        extra, route_metrics = gatherer.gather(needs, batch, step, timings)
+        metrics.update(route_metrics)
+
         with timed(timings, "advantage"):
-            out = compute_method(method, MethodInputs(batch.rewards, batch.group_ids, batch.response_mask), params)
-            batch.advantages, batch.channel_names, batch.channel_weights = (
-                out.advantages, out.channel_names, out.channel_weights)
+            out = compute_method(method, MethodInputs(batch.rewards, batch.group_ids, batch.response_mask, extra=extra,
+                                                      behaviour_logprobs=batch.behaviour_logprobs), step_params)
+            batch.advantages, batch.channel_names, batch.channel_weights, batch.channel_norms = (
+                out.advantages, out.channel_names, out.channel_weights, out.channel_norms)
+            if not needs & TEACHER_NEEDS:  # nothing reads teacher fields this step: do not ship them
+                batch.teacher_logprobs = batch.teacher_topk_ids = batch.teacher_topk_logprobs = None
             metrics.update(out.metrics)  # already namespaced: adv/..., route/..., coef/...
             zero_var = zero_variance_mask(batch.rewards, batch.group_ids)
-            learn_batch = batch.select(~zero_var) if cfg.algorithm.filter_zero_variance else batch
+            keep = torch.ones(len(batch), dtype=torch.bool)
+            if cfg.algorithm.filter_zero_variance:
+                # a zero-variance group has no GRPO signal, but its rows may still carry another channel
+                # (TRACE's KL on key spans of an all-correct group): keep those rows
+                other = [c for c, name in enumerate(batch.channel_names) if name.split(":")[0] != "pg"]
+                routed = (batch.channel_weights[other] != 0).any(dim=0).any(dim=1) if other else torch.zeros_like(keep)
+                keep = ~zero_var | routed
+            learn_batch = batch.select(keep)
+            metrics.update(exposure.update(batch.channel_names, batch.channel_weights, batch.response_mask,
+                                           lam=teacher_coef(out.metrics), learned_rows=keep))
 
         learn_metrics: dict[str, float] = {}
         with timed(timings, "learn"):
@@ -360,7 +426,6 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
             "train/truncated_frac": sum(r == "length" for r in batch.meta["finish_reason"]) / len(batch),
             "train/zero_variance_frac": zero_var.float().mean().item(),
             "train/learn_sequences": float(len(learn_batch)),
-            "route/pg_token_frac": 1.0 if len(learn_batch) else 0.0,
             "reward/no_answer_frac": sum(extract_boxed(t) is None for t in texts) / len(texts),
             "reward/timeouts": float(vstats["timeouts"]), "reward/errors": float(vstats["errors"]),
             "reward/timeouts_total": float(verifier.stats["timeouts"]),
@@ -372,7 +437,8 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
         tracker.print_step(step + 1, cfg.trainer.total_steps, metrics)
 
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.trainer.total_steps:
-            tracker.log(eval_metrics(run_evals(pool, verifier, eval_sets, tokenizer, cfg), cfg.eval.k), step=step + 1)
+            tracker.log({**eval_metrics(run_evals(pool, verifier, eval_sets, tokenizer, cfg), cfg.eval.k), **key_lift()},
+                        step=step + 1)
         if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
             save(step + 1)
 
@@ -380,7 +446,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     eval_after = None
     if cfg.eval.after:
         eval_after = run_evals(pool, verifier, eval_sets, tokenizer, cfg)
-        tracker.log(eval_metrics(eval_after, cfg.eval.k), step=final_step)
+        tracker.log({**eval_metrics(eval_after, cfg.eval.k), **key_lift()}, step=final_step)
         print(f"eval after: in-distribution {eval_after['id_accuracy']} | OOD {eval_after['ood_accuracy']}", flush=True)
     if cfg.trainer.save_final and final_step > 0:
         save(final_step)
@@ -388,7 +454,9 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
         summary["final_model"] = str((run_dir / "final_model").resolve())
 
     summary.update({"eval_before": eval_before, "eval_after": eval_after, "steps": final_step,
-                    "totals": totals, "verifier": dict(verifier.stats),
+                    "totals": totals, "verifier": dict(verifier.stats), "exposure": exposure.metrics(),
+                    "teacher": teacher.stats() if teacher is not None else None,
+                    "annotate": dict(gatherer.annotate_counts),
                     "wall_time_s": time.perf_counter() - t_job})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"summary: {run_dir / 'summary.json'}", flush=True)

@@ -43,7 +43,8 @@ def violations(source: str) -> list[str]:
 def test_files_exist():
     names = {p.name for p in ALGO.glob("*.py")}
     assert {"__init__.py", "__main__.py", "logprobs.py", "advantages.py", "policy_loss.py", "kl.py",
-            "aggregation.py", "methods.py"} <= names
+            "aggregation.py", "channels.py", "schedules.py", "exposure.py"} <= names
+    assert (ALGO / "methods" / "__init__.py").is_file()  # a package: one file per method
 
 
 @pytest.mark.parametrize("path", sorted(ALGO.rglob("*.py")), ids=lambda p: p.name)

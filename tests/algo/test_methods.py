@@ -1,4 +1,5 @@
-"""trace_rl/algo/methods.py (the method registry) and ``python -m trace_rl.algo``."""
+"""trace_rl/algo/methods/ (the method registry, every method's generic contract) and
+``python -m trace_rl.algo``. Each method's formula is tested in tests/algo/test_method_<name>.py."""
 from __future__ import annotations
 
 import math
@@ -101,7 +102,7 @@ def test_metrics():
 def test_unknown_method_lists_names():
     with pytest.raises(ValueError) as info:
         get_method("trace_v2")
-    assert "dapo, dr_grpo, grpo" in str(info.value)
+    assert "dapo, div_weighted, dr_grpo, grpo, scope, self_opd, tempo, tip, trace" in str(info.value)
 
 
 def test_needs_are_checked_and_custom_method_roundtrip():
@@ -164,10 +165,148 @@ def test_input_validation():
 def test_describe_and_cli(capsys):
     text = describe()
     for word in ("grpo", "dapo", "dr_grpo", "ppo_clip", "needs: rewards only", "Advantage estimators",
-                 "Policy losses", "singleton='unit'"):
+                 "Policy losses", "singleton='unit'", "trace  [needs: annotations*, teacher_topk*]",
+                 "trace_lambda=hold_linear(start=0.5, end=0.0, hold_steps=10, decay_steps=30)",
+                 "tempo  [needs: prefix_tree]", "scope_weighting='paper'", "overrides: filter_zero_variance=False",
+                 "Schedules", "hold_linear"):
         assert word in text
     # what `python -m trace_rl.algo` does, in-process (a subprocess would re-import torch: seconds)
     with warnings.catch_warnings():  # "__main__ already in sys.modules": we imported describe from it
         warnings.simplefilter("ignore", RuntimeWarning)
         runpy.run_module("trace_rl.algo", run_name="__main__", alter_sys=False)
     assert capsys.readouterr().out.strip() == text.strip()
+
+
+# ------------------------------------------------------------------ every method: the shared contract
+ALL_METHODS = {"grpo", "dapo", "dr_grpo", "self_opd", "trace", "scope", "tempo", "tip", "div_weighted"}
+
+
+def random_inputs(seed, groups=(4, 3, 5, 1, 2, 3), R=7, vocab=3, K=4):
+    """A batch with interleaved, non-contiguous group ids, binary rewards, ragged responses and every
+    extra input a method can need. A small vocabulary makes responses share prefixes (TEMPO)."""
+    g = torch.Generator().manual_seed(seed)
+    gids = torch.cat([torch.full((n,), 10 * k + 3) for k, n in enumerate(groups)])
+    B = len(gids)
+    gids = gids[torch.randperm(B, generator=g)]
+    rewards = torch.randint(0, 2, (B,), generator=g).float()
+    lengths = torch.randint(0, R + 1, (B,), generator=g)
+    lengths[0] = R
+    mask = torch.arange(R)[None, :] < lengths[:, None]
+    extra = {
+        "teacher_topk_ids": torch.randint(0, 50, (B, R, K), generator=g),
+        "teacher_topk_logprobs": -torch.rand(B, R, K, generator=g) * 3,
+        "teacher_logprobs": -torch.rand(B, R, generator=g) * 3,
+        "key_mask": torch.rand(B, R, generator=g) < 0.3,
+        "error_mask": torch.rand(B, R, generator=g) < 0.3,
+        "entropy": torch.rand(B, R, generator=g) * 2,
+        "response_ids": torch.randint(0, vocab, (B, R), generator=g),
+        "ref_logprobs": -torch.rand(B, R, generator=g) * 3,
+    }
+    return MethodInputs(rewards=rewards, group_ids=gids, response_mask=mask, extra=extra,
+                        behaviour_logprobs=-torch.rand(B, R, generator=g) * 3)
+
+
+def permuted(inputs, perm):
+    return MethodInputs(rewards=inputs.rewards[perm], group_ids=inputs.group_ids[perm],
+                        response_mask=inputs.response_mask[perm], extra={k: v[perm] for k, v in inputs.extra.items()},
+                        behaviour_logprobs=inputs.behaviour_logprobs[perm])
+
+
+def test_all_methods_registered_with_declared_parameters():
+    assert ALL_METHODS <= set(M.METHODS)
+    for name in ALL_METHODS:
+        spec = get_method(name)
+        assert spec.gated_needs <= spec.needs
+        assert "step" not in spec.defaults
+        assert spec.description
+
+
+def test_parameter_defaults_agree_across_methods():
+    """One flat config holds every method's parameters: a name shared by two methods must have one default."""
+    seen = {}
+    for name in sorted(ALL_METHODS):
+        for key, value in get_method(name).defaults.items():
+            if key in seen:
+                assert seen[key][1] == value, f"{key}: {seen[key][0]} has {seen[key][1]!r}, {name} has {value!r}"
+            seen[key] = (name, value)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+@pytest.mark.parametrize("step", [0, 20, 100])
+def test_every_method_runs_reports_channel_metrics_and_is_batch_order_independent(name, step):
+    inputs = random_inputs(step + 1)
+    out = compute_method(name, inputs, {"step": step})
+    assert len(out.channel_norms) == len(out.channel_names)
+    for ch in out.channel_names:
+        assert f"route/{ch}_token_frac" in out.metrics and f"coef/{ch}" in out.metrics
+    assert all(isinstance(v, float) for v in out.metrics.values())
+    perm = torch.randperm(inputs.batch_size, generator=torch.Generator().manual_seed(5))
+    out_p = compute_method(name, permuted(inputs, perm), {"step": step})
+    assert out_p.channel_names == out.channel_names and out_p.channel_norms == out.channel_norms
+    torch.testing.assert_close(out_p.advantages, out.advantages[perm], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out_p.channel_weights, out.channel_weights[:, perm], rtol=1e-6, atol=1e-6)
+
+
+def test_scheduled_methods_need_the_step():
+    for name in ("self_opd", "trace", "scope", "tip"):
+        with pytest.raises(ValueError, match="needs params\\['step'\\]"):
+            compute_method(name, random_inputs(0), {})
+
+
+def test_teacher_active_and_gated_needs():
+    off_at_5 = {"name": "hold_linear", "start": 1.0, "hold_steps": 2, "decay_steps": 3}
+    for name, key in (("self_opd", "opd_coef"), ("trace", "trace_lambda"), ("scope", "scope_kl_coef"),
+                      ("tip", "tip_coef")):
+        spec = get_method(name)
+        params = {key: off_at_5}
+        assert [spec.teacher_active(s, params) for s in (0, 4, 5, 50)] == [True, True, False, False], name
+        assert spec.needs_at(4, params) == spec.needs
+        assert not (spec.needs_at(5, params) & {"teacher_topk", "teacher_logprobs"})
+        # the driver stops calling the teacher (and TRACE's annotator): the method still runs without them
+        inputs = random_inputs(3)
+        for need in spec.gated_needs:
+            for key_ in M.KNOWN_NEEDS[need]:
+                inputs.extra.pop(key_)
+        out = compute_method(name, inputs, {**params, "step": 5})
+        assert not any(n.split(":")[0] in ("fkl", "rkl", "jsd", "skl", "logratio") for n in out.channel_names)
+        with pytest.raises(ValueError, match="needs \\["):
+            compute_method(name, inputs, {**params, "step": 4})
+    assert get_method("trace").teacher_active(40, {}) is False  # the default schedule: 0 from step 40
+    assert get_method("trace").teacher_active(39, {}) is True
+    assert get_method("trace").teacher_active(0, {"trace_key_kl": False, "trace_error_kl": False}) is False
+    assert get_method("div_weighted").teacher_active(10 ** 6, {}) is True
+    assert not any(get_method(n).teacher_active(0, {}) for n in ("grpo", "dapo", "dr_grpo", "tempo"))
+
+
+def test_bad_parameters_name_themselves():
+    inputs = random_inputs(1)
+    for name, params, msg in [
+        ("trace", {"trace_key_kl": "yes"}, "trace_key_kl must be true or false"),
+        ("trace", {"trace_lambda": {"name": "linear"}}, "unknown schedule 'linear'"),
+        ("self_opd", {"opd_divergence": "kl"}, "opd_divergence must be one of"),
+        ("scope", {"scope_weighting": "both"}, "scope_weighting must be one of"),
+        ("scope", {"scope_tau": 0.0}, "scope_tau must be a finite number"),
+        ("tip", {"tip_budget": 1.5}, "tip_budget must be a finite number in \\[0.0, 1.0\\]"),
+        ("div_weighted", {"div_weight_mix": -1}, "div_weight_mix must be"),
+        ("tempo", {"tempo_td_coef": float("nan")}, "tempo_td_coef must be"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            compute_method(name, inputs, {"step": 0, **params})
+    inputs.behaviour_logprobs = None
+    with pytest.raises(ValueError, match="needs MethodInputs.behaviour_logprobs"):
+        compute_method("div_weighted", inputs, {"step": 0})
+
+
+def test_extra_inputs_are_validated():
+    inputs = random_inputs(1)
+    inputs.extra["key_mask"] = inputs.extra["key_mask"].float()
+    with pytest.raises(TypeError, match="extra\\['key_mask'\\] must be bool"):
+        compute_method("trace", inputs, {"step": 0})
+    inputs = random_inputs(1)
+    inputs.extra["teacher_topk_ids"] = inputs.extra["teacher_topk_ids"][:, :, 0]
+    with pytest.raises(ValueError, match="teacher_topk_ids'\\] has shape"):
+        compute_method("self_opd", inputs, {"step": 0})
+    inputs = random_inputs(1)
+    inputs.behaviour_logprobs = inputs.behaviour_logprobs[:, :3]
+    with pytest.raises(ValueError, match="behaviour_logprobs has shape"):
+        compute_method("grpo", inputs)

@@ -1,6 +1,8 @@
 """trace_rl/learner/loss.py: channel routing and global normalisation, without any model."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from trace_rl.learner.loss import (CHANNEL_LOSSES, RESPONSE, Counts, channel_wei
 
 from .learner_helpers import make_batch
 
-MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "balanced")
 
 
 def _inputs(batch: Batch, seed: int = 0):
@@ -81,7 +83,15 @@ def test_counts_are_taken_over_nonzero_channel_weights_and_all_response_tokens()
     batch = make_batch(B=6, seed=2)
     counts = global_counts(batch, max_len=50)
     w = batch.channel_weights[0]
-    assert counts["pg"] == Counts(float((w != 0).sum()), float((w != 0).any(1).sum()), 50)
+    c = counts["pg"]
+    assert (c.num_tokens, c.num_seqs, c.max_len) == (float((w != 0).sum()), float((w != 0).any(1).sum()), 50)
+    # the balanced-mode counts split the same tokens by the sign of each sequence's advantage
+    sign = torch.sign(batch.advantages.sum(1))
+    for name, s in (("pos", 1), ("neg", -1)):
+        rows = (w != 0) & (sign == s)[:, None]
+        assert getattr(c, f"num_{name}_tokens") == float(rows.sum())
+        assert getattr(c, f"num_{name}_seqs") == float(rows.any(1).sum())
+    assert c.num_pos_tokens + c.num_neg_tokens <= c.num_tokens
     assert counts[RESPONSE].num_tokens == batch.num_response_tokens()
     assert global_counts(batch)["pg"].max_len == batch.response_len
 
@@ -136,3 +146,55 @@ def test_a_registered_channel_kind_is_summed_in_by_name_prefix():
         assert float(t.parts["pg_loss"]) == pytest.approx(float(only_pg.loss.detach()), abs=1e-6)
     finally:
         CHANNEL_LOSSES.pop("test_mle", None)
+
+
+def test_explicit_agg_norm_is_the_default_and_token_seq_norms_use_the_channel_counts():
+    """channel_norms=() and ("agg",) are the pre-existing behaviour; "token" / "seq" divide sum(w x) by
+    the channel's global token / sequence counts whatever algo.loss_agg_mode says."""
+    algo = AlgorithmConfig(loss_agg_mode="seq-mean-token-mean")
+    batch = make_batch(B=6, seed=7)
+    logp, old, _, _ = _inputs(batch, seed=2)
+    counts = global_counts(batch)
+    plain = micro_batch_loss(batch, logp, old, counts, algo).loss
+    agg = micro_batch_loss(Batch(**{**batch.to_dict(), "channel_norms": ("agg",)}), logp, old, counts, algo).loss
+    assert float(agg.detach()) == float(plain.detach())
+    w = batch.channel_weights[0]
+    per_token = {}
+    for i in range(len(batch)):
+        for t in range(batch.response_len):
+            if w[i, t] != 0:
+                lp, o, a = float(logp[i, t].detach()), float(old[i, t]), float(batch.advantages[i, t])
+                r = math.exp(lp - o)
+                per_token[i, t] = float(w[i, t]) * max(-a * r, -a * min(max(r, 0.8), 1.28))
+    n_seqs = len({i for i, _ in per_token})
+    for norm, denom in (("token", len(per_token)), ("seq", n_seqs)):
+        got = micro_batch_loss(Batch(**{**batch.to_dict(), "channel_norms": (norm,)}), logp, old, counts, algo)
+        assert float(got.loss.detach()) == pytest.approx(sum(per_token.values()) / denom, abs=1e-6)
+
+
+def test_balanced_mode_in_the_learner_matches_a_naive_formula():
+    """loss_agg_mode=balanced: the pg channel is the token mean over positive-advantage sequences and
+    the token mean over negative ones (and over zero-advantage ones), combined by their sequence counts
+    (naive loop here)."""
+    algo = AlgorithmConfig(loss_agg_mode="balanced")
+    batch = make_batch(B=8, seed=5)
+    logp, old, _, _ = _inputs(batch)
+    got = micro_batch_loss(batch, logp, old, global_counts(batch), algo).loss
+    ratio = torch.exp(logp.detach() - old)
+    A = batch.advantages
+    per = torch.maximum(-A * ratio, -A * ratio.clamp(1 - algo.clip_eps_low, 1 + algo.clip_eps_high))
+    w = batch.channel_weights[0]
+    sums = {1: [0.0, 0, 0], -1: [0.0, 0, 0], 0: [0.0, 0, 0]}  # sign -> [weighted sum, tokens, seqs]
+    for i in range(len(batch)):
+        toks = [t for t in range(batch.response_len) if w[i, t] != 0]
+        if not toks:
+            continue
+        a = sum(float(A[i, t]) for t in toks)  # a sequence's class: the sign of its summed advantage
+        s = 1 if a > 0 else (-1 if a < 0 else 0)
+        sums[s][0] += sum(float(per[i, t] * w[i, t]) for t in toks)
+        sums[s][1] += len(toks)
+        sums[s][2] += 1
+    n = sums[1][2] + sums[-1][2] + sums[0][2]
+    want = sum(sums[s][2] / n * sums[s][0] / max(sums[s][1], 1) for s in (1, -1, 0))
+    assert sums[1][2] > 0 and sums[-1][2] > 0
+    assert float(got) == pytest.approx(want, rel=1e-5)

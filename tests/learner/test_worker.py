@@ -78,9 +78,12 @@ def test_single_rank_step_matches_reference_and_logprobs_match_full_logits(model
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
     assert max_abs_diff(_params(w), {n: p.detach() for n, p in ref.model.named_parameters()}) < 1e-5
     got = w.compute_logprobs(batch, temperature=T)
+    ent = w.compute_logprobs(batch, temperature=T, entropy=True)
     with torch.no_grad():
-        for i, (lp, _) in enumerate(naive_logprobs(ref.model, batch, T)):
+        for i, (lp, h) in enumerate(naive_logprobs(ref.model, batch, T)):
             assert torch.allclose(got[i, :len(lp)], lp, atol=2e-5)
+            assert torch.allclose(ent[i, :len(h)], h, atol=2e-5)
+            assert bool((ent[i, len(h):] == 0).all())
 
 
 def test_nonfinite_advantage_skips_the_update_and_zeroes_the_gradients(model_dir):

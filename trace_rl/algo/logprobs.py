@@ -10,6 +10,8 @@ dims) so at most one chunk of fp32 logits exists at a time, in forward *and* in 
   it multiplies each chunk of last hidden states by the lm_head weight, and recomputes that
   product in backward (the fused-linear-cross-entropy idea), so the peak is one chunk of
   ``[chunk, V]`` fp32 logits.
+- ``gather_log_softmax`` / ``gather_logprobs_from_hidden`` are the same with ``K`` ids per row
+  (the student's log-probs at a teacher's top-k ids, for the vocabulary KL of on-policy distillation).
 
 Arithmetic is done in float32 (float64 if the inputs are float64, which is what gradcheck uses);
 results are float32 for bf16/fp16/fp32 inputs.
@@ -22,7 +24,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["selective_log_softmax", "entropy_from_logits", "token_logprobs_from_hidden"]
+__all__ = ["selective_log_softmax", "entropy_from_logits", "token_logprobs_from_hidden", "gather_log_softmax",
+           "gather_logprobs_from_hidden"]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -87,6 +90,21 @@ def _check_index(index: Tensor, lead: tuple[int, ...], vocab: int, name: str, lo
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name} holds ids in [{lo}, {hi}], outside the vocabulary [0, {vocab}); "
                              f"replace padding ids (e.g. -100) by a valid id and mask them out instead")
+
+
+def _check_hidden_weight(hidden: Tensor, weight: Tensor) -> None:
+    if not isinstance(hidden, Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden must be a tensor of shape [N, H]")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be the lm_head weight of shape [V, H], got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but hidden's last dim is {hidden.shape[-1]}: "
+                         f"weight must be [V, H] with H = hidden.shape[-1]")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype; cast one")
+    if not hidden.dtype.is_floating_point:
+        raise TypeError(f"hidden must be floating point, got {hidden.dtype}")
 
 
 # ----------------------------------------------------------------------- logprobs from existing logits
@@ -309,18 +327,7 @@ def token_logprobs_from_hidden(hidden: Tensor, weight: Tensor, targets: Tensor, 
     ``[chunk_size, V]`` fp32 buffers instead of ``N x V`` (plus a ``[V, H]`` fp32 accumulator for
     the weight gradient). The lm_head has no bias in the models we target (Qwen3, Llama).
     """
-    if not isinstance(hidden, Tensor) or hidden.dim() < 1:
-        raise ValueError("hidden must be a tensor of shape [N, H]")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be the lm_head weight of shape [V, H], got "
-                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight has shape {tuple(weight.shape)} but hidden's last dim is {hidden.shape[-1]}: "
-                         f"weight must be [V, H] with H = hidden.shape[-1]")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype; cast one")
-    if not hidden.dtype.is_floating_point:
-        raise TypeError(f"hidden must be floating point, got {hidden.dtype}")
+    _check_hidden_weight(hidden, weight)
     _check_temperature(temperature)
     _check_chunk(chunk_size)
     lead = tuple(hidden.shape[:-1])
@@ -329,3 +336,138 @@ def token_logprobs_from_hidden(hidden: Tensor, weight: Tensor, targets: Tensor, 
     logp, ent = _HiddenTokenLogprobs.apply(h2, weight, targets.reshape(-1).long(), chunk_size,
                                            float(temperature), bool(with_entropy))
     return logp.view(lead), (ent.view(lead) if with_entropy else None)
+
+
+# ------------------------------------------------------------ several ids per row (teacher top-k)
+# d log p_{i_k} / d z_j = 1[j = i_k] - p_j, so for upstream gradients g_k of the K gathered entries
+# d(loss)/dz = scatter_add(ids, g) - p * sum_k g_k (repeated ids simply add up).
+def _check_ids(ids: Tensor, lead: tuple[int, ...], vocab: int, src: str) -> None:
+    if not isinstance(ids, Tensor) or ids.dim() != len(lead) + 1 or tuple(ids.shape[:-1]) != lead:
+        got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"ids has shape {got}, expected {lead + ('K',)} (the leading dims of {src}, then K ids "
+                         f"per row)")
+    _check_index(ids, tuple(ids.shape), vocab, "ids", src)
+
+
+def _gather_grad(z: Tensor, ids: Tensor, g: Tensor, temperature: float) -> Tensor:
+    """d(loss)/d(logits) of one block: rows z [n, V] (already / T), ids [n, K], upstream g [n, K]."""
+    gz = torch.softmax(z, dim=-1).mul_(-g.sum(-1, keepdim=True))
+    gz.scatter_add_(1, ids, g)
+    return gz.div_(temperature) if temperature != 1.0 else gz
+
+
+class _GatherLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits / T) at K ids per row, chunked; backward recomputes each block's softmax."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, chunk_size: int, temperature: float) -> Tensor:
+        lead, V, K = tuple(logits.shape[:-1]), logits.shape[-1], ids.shape[-1]
+        cdt = _compute_dtype(logits.dtype)
+        out = torch.empty(lead + (K,), dtype=cdt, device=logits.device)
+        for idx in _row_blocks(lead, chunk_size):
+            z = _block(logits, idx, V, cdt, temperature)
+            lp = z.gather(1, ids[idx].reshape(-1, K)) - torch.logsumexp(z, dim=-1, keepdim=True)
+            out[idx] = lp.view(out[idx].shape)
+        ctx.save_for_backward(logits, ids)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, ids = ctx.saved_tensors
+        lead, V, K = tuple(logits.shape[:-1]), logits.shape[-1], ids.shape[-1]
+        cdt = _compute_dtype(logits.dtype)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for idx in _row_blocks(lead, ctx.chunk_size):
+            z = _block(logits, idx, V, cdt, ctx.temperature)
+            gz = _gather_grad(z, ids[idx].reshape(-1, K), grad_out[idx].reshape(-1, K).to(cdt), ctx.temperature)
+            grad[idx] = gz.to(logits.dtype).view(grad[idx].shape)
+        return grad, None, None, None
+
+
+def gather_log_softmax(logits: Tensor, ids: Tensor, *, chunk_size: int = 4096, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / temperature, -1)`` gathered at ``K`` ids per row: ``[..., V], [..., K] -> [..., K]``.
+
+    The several-ids version of :func:`selective_log_softmax` (e.g. the student's log-probs at the
+    teacher's top-k token ids), with the same chunking, memory and dtype rules: float32 out
+    (float64 for float64 logits), backward saves only the inputs and recomputes each block.
+    """
+    if not isinstance(logits, Tensor) or logits.dim() < 1:
+        raise ValueError("logits must be a tensor of shape [..., V]")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    _check_chunk(chunk_size)
+    _check_temperature(temperature)
+    _check_ids(ids, tuple(logits.shape[:-1]), logits.shape[-1], "logits")
+    return _GatherLogSoftmax.apply(logits, ids.long(), chunk_size, float(temperature))
+
+
+class _HiddenGatherLogprobs(torch.autograd.Function):
+    """Fused lm_head + log_softmax + gather of K ids per row, recomputing each chunk's logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, ids: Tensor, chunk_size: int, temperature: float) -> Tensor:
+        N, K = hidden.shape[0], ids.shape[1]
+        cdt = _compute_dtype(hidden.dtype)
+        out = torch.empty(N, K, dtype=cdt, device=hidden.device)
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            z = (hidden[s:e] @ weight.T).to(cdt)  # matmul in the input dtype, as the lm_head would
+            if temperature != 1.0:
+                z.div_(temperature)
+            out[s:e] = z.gather(1, ids[s:e]) - torch.logsumexp(z, dim=-1, keepdim=True)
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, ids = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N, T = hidden.shape[0], ctx.temperature
+        cdt = _compute_dtype(hidden.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulator for the weight gradient over chunks (see _HiddenTokenLogprobs)
+        grad_w = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device) \
+            if need_w else None
+        for s in range(0, N, ctx.chunk_size):
+            e = min(s + ctx.chunk_size, N)
+            h = hidden[s:e]
+            z = (h @ weight.T).to(cdt)
+            if T != 1.0:
+                z.div_(T)
+            gz = _gather_grad(z, ids[s:e], grad_out[s:e].to(cdt), T).to(hidden.dtype)
+            del z
+            if need_h:
+                grad_h[s:e] = gz @ weight
+            if need_w:
+                if gz.dtype == grad_w.dtype:
+                    grad_w.addmm_(gz.T, h)
+                else:
+                    grad_w += (gz.T @ h).to(grad_w.dtype)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def gather_logprobs_from_hidden(hidden: Tensor, weight: Tensor, ids: Tensor, *, chunk_size: int = 1024,
+                                temperature: float = 1.0) -> Tensor:
+    """``log_softmax(hidden @ weight.T / temperature)`` at ``K`` ids per row, straight from last hidden states.
+
+    hidden ``[N, H]`` (or ``[..., H]``), weight ``[V, H]`` (the lm_head), ids ``[N, K]`` (or
+    ``[..., K]``) -> ``[N, K]`` float32 (float64 for float64 inputs). Used for the student's
+    log-probs at the teacher's top-k ids: each value is normalised over the FULL vocabulary, like
+    the teacher's, so ``1 - sum_k exp(.)`` is the student's tail mass. Same memory rules as
+    :func:`token_logprobs_from_hidden` (chunks of ``chunk_size`` rows, logits recomputed in
+    backward, never ``N x V`` at once); differentiable w.r.t. ``hidden`` and ``weight``. With
+    ``K = 1`` it equals :func:`token_logprobs_from_hidden` of ``ids[..., 0]``.
+    """
+    _check_hidden_weight(hidden, weight)
+    _check_temperature(temperature)
+    _check_chunk(chunk_size)
+    lead = tuple(hidden.shape[:-1])
+    _check_ids(ids, lead, weight.shape[0], "hidden")
+    K = ids.shape[-1]
+    out = _HiddenGatherLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, ids.reshape(-1, K).long(),
+                                      chunk_size, float(temperature))
+    return out.view(lead + (K,))

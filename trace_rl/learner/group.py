@@ -228,8 +228,9 @@ class LearnerGroup:
         self.timings["train_s"] = time.perf_counter() - t0
         return metrics
 
-    def logprobs(self, batch, temperature: float) -> torch.Tensor:
-        """Log-probs ``[B, R]`` of the responses under the current weights (0 on padding)."""
+    def logprobs(self, batch, temperature: float, *, entropy: bool = False) -> torch.Tensor:
+        """Log-probs ``[B, R]`` of the responses under the current weights (0 on padding); with
+        ``entropy=True`` the policy's per-token entropies instead."""
         import ray
 
         self._check_alive()
@@ -240,9 +241,13 @@ class LearnerGroup:
         if n % W:  # ranks must run the same number of forwards (ZeRO-3): repeat the last row
             extra = W - n % W
             padded = batch.select(torch.cat([torch.arange(n), torch.full((extra,), n - 1)]))
-        refs = [a.compute_logprobs.remote(ray.put(part), temperature=temperature)
+        refs = [a.compute_logprobs.remote(ray.put(part), temperature=temperature, entropy=entropy)
                 for a, part in zip(self.actors, padded.split(W))]
         return torch.cat(self._all(refs, "compute_logprobs"))[:n]
+
+    def entropy(self, batch, temperature: float) -> torch.Tensor:
+        """Per-token entropy ``[B, R]`` of the policy on the responses (0 on padding)."""
+        return self.logprobs(batch, temperature, entropy=True)
 
     def state_dict_ref(self):
         """ObjectRef to the full HF-named float32 weights (rank 0's gathered dict), for the weight sync."""

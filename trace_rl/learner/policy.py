@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trace_rl.algo.logprobs import token_logprobs_from_hidden
+from trace_rl.algo.logprobs import gather_logprobs_from_hidden, token_logprobs_from_hidden
 from trace_rl.batch import Batch
 
 __all__ = ["LogprobHead", "PolicyModel", "model_inputs", "HF_PREFIX"]
@@ -26,7 +26,8 @@ HF_PREFIX = "hf."
 
 
 class LogprobHead(nn.Module):
-    """Stands in for ``lm_head``: ``forward(hidden [N, H], targets [N])`` -> ``(logprobs [N], entropy [N] | None)``."""
+    """Stands in for ``lm_head``: ``forward(hidden [N, H], targets [N])`` -> ``(logprobs [N], entropy [N] | None)``,
+    and ``(logprobs, entropy, topk_logprobs [N, K])`` when ``topk_ids [N, K]`` is given."""
 
     def __init__(self, lm_head: nn.Module, chunk_size: int = 1024):
         super().__init__()
@@ -36,11 +37,18 @@ class LogprobHead(nn.Module):
         self.weight = lm_head.weight  # the same Parameter: tying and names are kept
         self.chunk_size = int(chunk_size)
 
-    def forward(self, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
-                with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Log-probs of ``targets`` under ``softmax(hidden @ weight.T / temperature)`` (and entropies)."""
-        return token_logprobs_from_hidden(hidden, self.weight, targets, chunk_size=self.chunk_size,
-                                          temperature=temperature, with_entropy=with_entropy)
+    def forward(self, hidden: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                topk_ids: Tensor | None = None):
+        """Log-probs of ``targets`` under ``softmax(hidden @ weight.T / temperature)`` (and entropies), and
+        the log-probs at ``topk_ids`` (a teacher's top-k) when given: inside this module's forward, so
+        ZeRO-3 gathers ``weight`` for both."""
+        logp, ent = token_logprobs_from_hidden(hidden, self.weight, targets, chunk_size=self.chunk_size,
+                                               temperature=temperature, with_entropy=with_entropy)
+        if topk_ids is None:
+            return logp, ent
+        topk = gather_logprobs_from_hidden(hidden, self.weight, topk_ids, chunk_size=self.chunk_size,
+                                           temperature=temperature)
+        return logp, ent, topk
 
 
 def model_inputs(batch: Batch, device: torch.device | str = "cpu") -> tuple[dict, int]:
@@ -78,7 +86,9 @@ class PolicyModel(nn.Module):
 
     ``forward(input_ids, attention_mask, position_ids, response_mask, prompt_len, temperature,
     with_entropy)`` -> ``(logprobs [b, R], entropy [b, R] | None)``, zero where
-    ``response_mask`` is False. The logits scoring response token ``t`` are those at sequence
+    ``response_mask`` is False. With ``topk_ids`` ``[b, R, K]`` (token ids per response position,
+    e.g. ``Batch.teacher_topk_ids``) it returns a third tensor, ``[b, R, K]`` log-probs at those ids
+    (zero on padding). The logits scoring response token ``t`` are those at sequence
     position ``prompt_len - 1 + t`` (trace_rl/batch.py); they are divided by ``temperature``,
     the rollout's sampling temperature, so the ratio compares like with like.
     """
@@ -93,9 +103,10 @@ class PolicyModel(nn.Module):
             raise ValueError(f"{type(hf_model).__name__} has no decoder attribute {self._decoder_name!r}")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_mask: Tensor,
-                prompt_len: int, temperature: float = 1.0,
-                with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``(logprobs [b, R], entropy [b, R] | None)`` of the response tokens (see the class docstring)."""
+                prompt_len: int, temperature: float = 1.0, with_entropy: bool = False,
+                topk_ids: Tensor | None = None):
+        """``(logprobs [b, R], entropy [b, R] | None)`` of the response tokens, plus ``topk_logprobs
+        [b, R, K]`` when ``topk_ids`` is given (see the class docstring)."""
         decoder = getattr(self.hf, self._decoder_name)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False)
@@ -104,11 +115,20 @@ class PolicyModel(nn.Module):
         mask = response_mask.bool()
         h = hidden[:, prompt_len - 1: prompt_len - 1 + R][mask]  # [N, H], the scored positions only
         targets = input_ids[:, prompt_len:][mask]
-        logp, ent = self.hf.lm_head(h, targets, temperature, with_entropy)
+        if topk_ids is not None and tuple(topk_ids.shape[:2]) != tuple(mask.shape):
+            raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)}, expected {tuple(mask.shape)} + (K,) "
+                             f"(one row of ids per response position)")
+        out = self.hf.lm_head(h, targets, temperature, with_entropy,
+                              topk_ids[mask] if topk_ids is not None else None)
+        logp, ent = out[0], out[1]
         full = torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device)
         logp_full = full.masked_scatter(mask, logp)
         ent_full = full.masked_scatter(mask, ent) if ent is not None else None
-        return logp_full, ent_full
+        if topk_ids is None:
+            return logp_full, ent_full
+        topk_full = out[2].new_zeros(tuple(mask.shape) + (out[2].shape[-1],))
+        topk_full[mask] = out[2]
+        return logp_full, ent_full, topk_full
 
     def hf_named_parameters(self):
         """``(HF name, parameter)`` pairs (tied parameters once, under their first name)."""

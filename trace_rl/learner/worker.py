@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from trace_rl.batch import Batch
-from trace_rl.learner.loss import Counts, check_channels, global_counts, micro_batch_loss
+from trace_rl.learner.loss import Counts, check_channels, global_counts, micro_batch_loss, needs_topk
 from trace_rl.learner.policy import PolicyModel, model_inputs
 
 log = logging.getLogger(__name__)
@@ -330,15 +330,21 @@ class LearnerWorker:
         mbs = int(self.lc.micro_batch_size)
         return [batch.select(slice(s, min(s + mbs, len(batch)))) for s in range(0, len(batch), mbs)]
 
-    def _forward(self, module, mb: Batch, temperature: float, with_entropy: bool):
-        """``(logprobs [b, R], entropy [b, R] | None)`` of micro-batch ``mb`` on ``module``."""
+    def _forward(self, module, mb: Batch, temperature: float, with_entropy: bool, with_topk: bool = False):
+        """``(logprobs [b, R], entropy [b, R] | None, topk [b, R, K] | None)`` of micro-batch ``mb`` on
+        ``module``; ``topk`` (log-probs at ``mb.teacher_topk_ids``) only when ``with_topk``."""
         kw, r_kept = model_inputs(mb, self.device)
-        logp, ent = module(**kw, temperature=float(temperature), with_entropy=with_entropy)
+        if with_topk:
+            kw["topk_ids"] = mb.teacher_topk_ids[:, :r_kept].to(self.device)
+        out = module(**kw, temperature=float(temperature), with_entropy=with_entropy)
+        logp, ent = out[0], out[1]
+        topk = out[2] if with_topk else None
         pad = mb.response_len - r_kept
         if pad:
             logp = torch.nn.functional.pad(logp, (0, pad))
             ent = torch.nn.functional.pad(ent, (0, pad)) if ent is not None else None
-        return logp, ent
+            topk = torch.nn.functional.pad(topk, (0, 0, 0, pad)) if topk is not None else None
+        return logp, ent, topk
 
     def _to_device(self, mb: Batch) -> Batch:
         if self.device.type == "cpu":
@@ -429,6 +435,7 @@ class LearnerWorker:
         if len(counts) != M:
             raise ValueError(f"got counts for {len(counts)} mini-batches, expected {M}")
         U = int(a.ppo_epochs) * M
+        with_topk = needs_topk(batch)  # a channel reads the student's log-probs at the teacher's top-k
         # With a single update per batch the current (detached) log-probs ARE the old ones.
         need_old = a.old_logprobs == "recompute" and U > 1
         t0 = time.perf_counter()
@@ -449,7 +456,7 @@ class LearnerWorker:
                     sync = contextlib.nullcontext() if not ddp or i == len(micro) - 1 else self.model.no_sync()
                     with sync:
                         mb_dev = self._to_device(mb)
-                        logp, ent = self._forward(module, mb_dev, temperature, True)
+                        logp, ent, topk = self._forward(module, mb_dev, temperature, True, with_topk)
                         if a.old_logprobs == "behaviour":
                             old = mb_dev.behaviour_logprobs
                         elif need_old:
@@ -458,7 +465,7 @@ class LearnerWorker:
                             old = logp.detach()
                         terms = micro_batch_loss(mb_dev, logp, old, counts[m], a,
                                                  entropy=ent if a.entropy_coef > 0 else ent.detach(),
-                                                 ref_logprobs=cache[m][i].ref)
+                                                 ref_logprobs=cache[m][i].ref, topk_logprobs=topk)
                         # DeepSpeed / DDP average over ranks; the loss is already a global sum
                         self._backward(terms.loss * self.world_size)
                     sums["loss"] = sums.get("loss", 0.0) + float(terms.loss.detach())
@@ -485,12 +492,14 @@ class LearnerWorker:
         return out
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: Batch, *, temperature: float) -> torch.Tensor:
-        """Log-probs ``[B, R]`` (float32, CPU, 0 on padding) of the responses under the current policy."""
+    @torch.no_grad()
+    def compute_logprobs(self, batch: Batch, *, temperature: float, entropy: bool = False) -> torch.Tensor:
+        """Log-probs ``[B, R]`` (float32, CPU, 0 on padding) of the responses under the current policy;
+        with ``entropy=True`` the per-token entropies of the policy at the same positions instead."""
         self._require_ready()
         module = self._train_module()
         module.eval()
-        outs = [self._forward(module, self._to_device(mb), temperature, False)[0].float().cpu()
+        outs = [self._forward(module, self._to_device(mb), temperature, entropy)[1 if entropy else 0].float().cpu()
                 for mb in self._micro_batches(batch)]
         return torch.cat(outs) if outs else torch.zeros(0, batch.response_len)
 

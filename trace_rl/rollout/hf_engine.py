@@ -94,6 +94,21 @@ class HFEngine:
         return result
 
     @torch.no_grad()
+    def score_topk(self, sequences: list[list[int]], start: list[int], k: int) -> list[dict[str, list]]:
+        """Teacher scoring (temperature 1), same contract as ``VLLMEngine.score_topk``: per sequence,
+        for positions ``t >= start``, the log-prob of ``seq[t]`` and the top-``k`` ids / log-probs."""
+        result = []
+        for seq, st in zip(sequences, start):
+            ids = torch.tensor([seq], device=self.device)
+            logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            logp = logp[max(st, 1) - 1:]  # row j scores seq[st + j]
+            top = logp.topk(int(k), dim=-1)
+            sampled = logp.gather(1, ids[0, max(st, 1):, None]).squeeze(1)
+            result.append({"logprobs": sampled.cpu().tolist(), "topk_ids": top.indices.cpu().tolist(),
+                           "topk_logprobs": top.values.cpu().tolist()})
+        return result
+
+    @torch.no_grad()
     def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> dict[str, float]:
         t0 = time.perf_counter()
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)

@@ -37,7 +37,7 @@ class RolloutPool:
                  seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  enforce_eager: bool = True, tensor_parallel_size: int = 1, cpus_per_engine: int = 1,
                  gpus_per_engine: float = 0.0, trust_remote_code: bool = False, pad_token_id: int = 0,
-                 startup_timeout_s: float = 600.0):
+                 startup_timeout_s: float = 600.0, engine_kwargs: dict[str, Any] | None = None):
         import ray
 
         from trace_rl.cluster import actor_env
@@ -52,7 +52,7 @@ class RolloutPool:
         cls = ray.remote(engine_class(engine))
         kwargs = dict(dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                      max_model_len=max_model_len, trust_remote_code=trust_remote_code)
+                      max_model_len=max_model_len, trust_remote_code=trust_remote_code, **(engine_kwargs or {}))
         t0 = time.perf_counter()
         self.actors = [
             cls.options(num_cpus=cpus_per_engine, num_gpus=gpus_per_engine or None,

@@ -43,7 +43,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0,
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None,
-                 trust_remote_code: bool = False, engine_index: int = 0):
+                 trust_remote_code: bool = False, engine_index: int = 0, max_logprobs: int = 20):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         from vllm import LLM
@@ -57,6 +57,8 @@ class VLLMEngine:
             # behaviour logprobs must describe the distribution actually sampled (after temperature)
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
+            # the teacher asks for prompt_logprobs=top_k; vLLM refuses more than max_logprobs
+            max_logprobs=max(int(max_logprobs), 20),
         )
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
@@ -102,6 +104,31 @@ class VLLMEngine:
         for seq, st, out in zip(sequences, start, outputs):
             pl = out.prompt_logprobs
             result.append([float(pl[t][seq[t]].logprob) for t in range(max(st, 1), len(seq))])
+        return result
+
+    def score_topk(self, sequences: list[list[int]], start: list[int], k: int) -> list[dict[str, list]]:
+        """Teacher scoring through vLLM's ``prompt_logprobs`` (temperature 1): for each sequence and
+        every position ``t >= start[i]``, ``log p(seq[t] | seq[:t])`` and the ``k`` most likely tokens
+        with their log-probs, in decreasing order. Returns ``{"logprobs": [n], "topk_ids": [n][k],
+        "topk_logprobs": [n][k]}`` per sequence, ``n = len(seq) - start``."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=int(k), temperature=1.0)
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, st, out in zip(sequences, start, outputs):
+            pl = out.prompt_logprobs
+            lps, ids, tlps = [], [], []
+            for t in range(max(st, 1), len(seq)):
+                entries = pl[t]
+                lps.append(float(entries[seq[t]].logprob))
+                ranked = sorted(((e.rank, tok, e.logprob) for tok, e in entries.items() if e.rank is not None
+                                 and e.rank <= k), key=lambda x: x[0])[:k]
+                if len(ranked) < k:
+                    raise RuntimeError(f"vLLM returned {len(ranked)} top logprobs at position {t}, asked for {k}")
+                ids.append([tok for _, tok, _ in ranked])
+                tlps.append([float(lp) for _, _, lp in ranked])
+            result.append({"logprobs": lps, "topk_ids": ids, "topk_logprobs": tlps})
         return result
 
     # ------------------------------------------------------------------ weights

@@ -1,0 +1,77 @@
+"""TeacherService on a real local Ray cluster: its log-probs and top-k equal an independent forward
+pass of the same model on the privileged prompt (HF and vLLM engines), calls are counted, and a
+`self` teacher takes new weights when synced."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trace_rl.tasks.arith import ARITH_INSTRUCTION, generate
+from trace_rl.teacher import PrivilegedPromptBuilder
+from trace_rl.teacher.service import TeacherService
+
+pytestmark = pytest.mark.slow
+
+
+def reference(model, prompt: list[int], response: list[int], k: int):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    rows = logp[len(prompt) - 1: len(prompt) - 1 + len(response)]
+    return rows.gather(1, torch.tensor(response)[:, None]).squeeze(1), rows.topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_teacher_scores_equal_an_independent_forward_on_the_privileged_prompt(ray_cluster, tiny_random_model, engine):
+    tok = AutoTokenizer.from_pretrained(tiny_random_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model, dtype=torch.float32).eval()
+    builder = PrivilegedPromptBuilder(fields=("solution",), instruction=ARITH_INSTRUCTION)
+    problems = generate("test", 3, seed=4)
+    prompts = [tok(builder.render(p, tok), add_special_tokens=False)["input_ids"] for p in problems]
+    responses = [tok(p.solution, add_special_tokens=False)["input_ids"][: 5 + 7 * i] for i, p in enumerate(problems)]
+    K, R = 8, max(len(r) for r in responses) + 3
+    teacher = TeacherService(tiny_random_model, kind="frozen", engine=engine, top_k=K, max_model_len=512)
+    try:
+        out = teacher.score(prompts, responses, response_len=R)
+        assert out["teacher_logprobs"].shape == (3, R) and out["teacher_topk_ids"].shape == (3, R, K)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            lp, top = reference(model, p, r, K)
+            n = len(r)
+            torch.testing.assert_close(out["teacher_logprobs"][i, :n].double(), lp, atol=1e-3, rtol=0)
+            torch.testing.assert_close(out["teacher_topk_logprobs"][i, :n].double(), top.values, atol=1e-3, rtol=0)
+            # ids agree wherever the reference's neighbouring values are not (near-)ties
+            gap = (top.values[:, :-1] - top.values[:, 1:]).abs() > 1e-3
+            same = out["teacher_topk_ids"][i, :n, :-1] == top.indices[:, :-1]
+            assert bool(same[gap].all())
+            assert bool((out["teacher_logprobs"][i, n:] == 0).all())
+        assert teacher.stats()["teacher/calls"] == 1 and teacher.stats()["teacher/tokens"] == sum(map(len, responses))
+    finally:
+        teacher.shutdown()
+
+
+def test_self_teacher_resync_schedule_and_new_weights(ray_cluster, tiny_random_model):
+    import ray
+
+    tok = AutoTokenizer.from_pretrained(tiny_random_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model, dtype=torch.float32).eval()
+    teacher = TeacherService(tiny_random_model, kind="self", engine="hf", top_k=4, resync_every=10)
+    try:
+        assert [s for s in range(31) if teacher.wants_sync(s)] == [10, 20, 30]
+        prompt = tok("What is 2 + 3?", add_special_tokens=False)["input_ids"]
+        resp = tok("Step 1: 2 + 3 = 5.", add_special_tokens=False)["input_ids"]
+        before = teacher.score([prompt], [resp], len(resp))["teacher_logprobs"]
+        state = {k: v + 0.05 * torch.randn_like(v) if v.dim() == 2 else v for k, v in model.state_dict().items()
+                 if k != "lm_head.weight"}
+        teacher.sync(ray.put(state), version=10)
+        model.load_state_dict(state, strict=False)
+        after = teacher.score([prompt], [resp], len(resp))["teacher_logprobs"]
+        lp, _ = reference(model, prompt, resp, 4)
+        assert (after[0] - before[0]).abs().max() > 1e-3
+        torch.testing.assert_close(after[0].double(), lp, atol=1e-4, rtol=0)
+        assert teacher.stats()["teacher/syncs"] == 1 and teacher.stats()["teacher/calls"] == 2
+    finally:
+        teacher.shutdown()
+    frozen = TeacherService.__new__(TeacherService)
+    frozen.kind, frozen.resync_every = "frozen", 10
+    assert not any(frozen.wants_sync(s) for s in range(50))

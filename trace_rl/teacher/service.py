@@ -1,0 +1,98 @@
+"""TeacherService: engine actors that score the student's responses under privileged prompts.
+
+For each response it returns, per response token, the teacher's log-prob of the sampled token and
+its top-k (ids, log-probs), as the batch fields ``teacher_logprobs [B, R]``,
+``teacher_topk_ids [B, R, K]`` and ``teacher_topk_logprobs [B, R, K]`` (zero / pad outside the
+response). Kinds:
+
+* ``self``: the policy itself, started from the same checkpoint; its weights are re-synced from the
+  learner every ``resync_every`` steps (TRACE: 10), so the teacher is a slightly stale copy of the
+  student that sees the privileged context.
+* ``frozen``: any local HF checkpoint (the initial policy by default, or a larger model), never synced.
+
+The engine is the rollout engine class (vLLM ``prompt_logprobs`` or HF forward), so the same
+``engine=vllm|hf`` choice applies. Calls and scored tokens are counted (``teacher/calls``,
+``teacher/tokens``) so tests and dashboards can see when the teacher is really used.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TEACHER_KINDS = ("self", "frozen")
+
+
+class TeacherService:
+    def __init__(self, model_path: str, *, kind: str = "self", engine: str = "hf", num_actors: int = 1,
+                 top_k: int = 32, resync_every: int = 10, dtype: str = "float32", max_model_len: int | None = None,
+                 cpus_per_actor: int = 1, gpus_per_actor: float = 0.0, gpu_memory_utilization: float = 0.2,
+                 trust_remote_code: bool = False, seed: int = 0):
+        from trace_rl.rollout.pool import RolloutPool
+
+        if kind not in TEACHER_KINDS:
+            raise ValueError(f"teacher.kind={kind!r} is unknown; use one of {', '.join(TEACHER_KINDS)}")
+        if top_k < 1:
+            raise ValueError(f"teacher.top_k={top_k} must be >= 1")
+        self.kind, self.top_k, self.resync_every = kind, int(top_k), int(resync_every)
+        self.calls, self.tokens, self.syncs = 0, 0, 0
+        self.version = 0
+        extra = {"max_logprobs": self.top_k} if engine == "vllm" else {}
+        self.pool = RolloutPool(model_path, engine=engine, num_engines=num_actors, dtype=dtype, seed=seed,
+                                max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                                cpus_per_engine=cpus_per_actor, gpus_per_engine=gpus_per_actor,
+                                trust_remote_code=trust_remote_code, engine_kwargs=extra)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, prompts: list[list[int]], responses: list[list[int]], response_len: int) -> dict[str, torch.Tensor]:
+        """Score ``responses[i]`` after ``prompts[i]`` (teacher prompt token ids); tensors padded to
+        ``response_len``. One call scores the whole batch, split across the actors."""
+        import ray
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"TeacherService.score: {len(prompts)} prompts for {len(responses)} responses")
+        B, R, K = len(responses), int(response_len), self.top_k
+        out = {"teacher_logprobs": torch.zeros(B, R), "teacher_topk_ids": torch.zeros(B, R, K, dtype=torch.long),
+               "teacher_topk_logprobs": torch.full((B, R, K), -1e4)}  # pad: a finite, negligible log-prob
+        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        starts = [len(p) for p in prompts]
+        actors = self.pool.actors
+        n = len(actors)
+        bounds = [(i * B // n, (i + 1) * B // n) for i in range(n)]
+        refs = [(s, actors[i].score_topk.remote(seqs[s:e], starts[s:e], K)) for i, (s, e) in enumerate(bounds) if e > s]
+        for s, ref in refs:
+            for j, res in enumerate(ray.get(ref)):
+                i = s + j
+                L = min(len(responses[i]), R)
+                if len(res["logprobs"]) != len(responses[i]):
+                    raise RuntimeError(f"teacher returned {len(res['logprobs'])} log-probs for a response of "
+                                       f"{len(responses[i])} tokens")
+                out["teacher_logprobs"][i, :L] = torch.tensor(res["logprobs"][:L])
+                out["teacher_topk_ids"][i, :L] = torch.tensor(res["topk_ids"][:L], dtype=torch.long)
+                out["teacher_topk_logprobs"][i, :L] = torch.tensor(res["topk_logprobs"][:L])
+        self.calls += 1
+        self.tokens += sum(len(r) for r in responses)
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def wants_sync(self, step: int) -> bool:
+        """Whether a ``self`` teacher takes the learner's weights before scoring at ``step``
+        (every ``resync_every`` steps, counted from 0; step 0 uses the initial checkpoint)."""
+        return self.kind == "self" and self.resync_every > 0 and step > 0 and step % self.resync_every == 0
+
+    def sync(self, state_ref, version: int) -> float:
+        t0 = time.perf_counter()
+        self.pool.update_weights(state_ref, version=version)
+        self.version, self.syncs = int(version), self.syncs + 1
+        return time.perf_counter() - t0
+
+    def stats(self) -> dict[str, float]:
+        return {"teacher/calls": float(self.calls), "teacher/tokens": float(self.tokens),
+                "teacher/syncs": float(self.syncs), "teacher/version": float(self.version)}
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
