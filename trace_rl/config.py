@@ -324,6 +324,9 @@ class TeacherConfig:
     """Teacher top-k returned per response token (ids + log-probs) for vocabulary KL channels."""
     resync_every: int = 10
     """A self teacher takes the learner's weights every this many steps (TRACE: 10); 0 never."""
+    ema_decay: float = 0.0
+    """Self teacher as an EMA of the policy: at each re-sync, teacher <- d * teacher + (1 - d) * policy
+    (0 = plain copy). Pair it with a small resync_every (e.g. 1)."""
     privileged: list[str] = field(default_factory=lambda: ["solution"])
     """What the teacher prompt shows besides the question: solution, answer, hint, label (the annotator's
     coarse type label). Span text and positions are never shown."""
@@ -571,6 +574,10 @@ def validate(cfg: Config) -> Config:
     tc, an = cfg.teacher, cfg.annotator
     if tc.top_k < 1:
         err("teacher.top_k", f"{tc.top_k} < 1", "use e.g. 32 (TRACE-style vocabulary KL on the teacher's top-k)")
+    if not 0 <= tc.ema_decay < 1:
+        err("teacher.ema_decay", f"{tc.ema_decay} is outside [0, 1)", "use 0 (plain re-sync) or e.g. 0.9")
+    elif tc.ema_decay and tc.kind != "self":
+        err("teacher.ema_decay", "an EMA teacher must be teacher.kind=self", "set teacher.kind=self or ema_decay=0")
     if tc.resync_every < 0:
         err("teacher.resync_every", f"{tc.resync_every} < 0", "use 10 (TRACE) or 0 to never re-sync")
     if tc.num_actors < 1:

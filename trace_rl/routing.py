@@ -50,8 +50,11 @@ class InputGatherer:
         self.annotate_counts: Counter = Counter()
 
     # ------------------------------------------------------------------------------ public
-    def gather(self, needs: frozenset[str], batch: Batch, step: int, timings: dict[str, float]
-               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def gather(self, needs: frozenset[str], batch: Batch, step: int, timings: dict[str, float],
+               teacher_rows: str = "all") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The ``MethodInputs.extra`` tensors for ``needs`` (teacher fields are also set on ``batch``).
+        ``teacher_rows="annotated"``: only rollouts with a key or error token are sent to the teacher
+        (the others get zero-filled teacher fields, which the method never reads)."""
         extra: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         labels: list[str | None] = [None] * len(batch)
@@ -63,7 +66,10 @@ class InputGatherer:
             timings["timing_s/annotate"] = time.perf_counter() - t0
         if needs & {"teacher_topk", "teacher_logprobs"}:
             t0 = time.perf_counter()
-            out, m = self.score_teacher(batch, step, labels)
+            rows = None
+            if teacher_rows == "annotated" and "key_mask" in extra:
+                rows = (extra["key_mask"] | extra["error_mask"]).any(dim=1)
+            out, m = self.score_teacher(batch, step, labels, rows=rows)
             batch.teacher_logprobs = out["teacher_logprobs"]
             batch.teacher_topk_ids = out["teacher_topk_ids"]
             batch.teacher_topk_logprobs = out["teacher_topk_logprobs"]
@@ -137,16 +143,26 @@ class InputGatherer:
             self._prompt_cache[key] = ids
         return ids
 
-    def score_teacher(self, batch: Batch, step: int, labels: list[str | None]
+    def score_teacher(self, batch: Batch, step: int, labels: list[str | None], rows: torch.Tensor | None = None
                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         if self.teacher is None:
             raise ValueError("the method needs a teacher but no TeacherService was started")
         metrics: dict[str, float] = {}
         if self.teacher.wants_sync(step) and self.teacher.version != step:
             metrics["timing_s/teacher_sync"] = self.teacher.sync(self.learners.state_dict_ref(), version=step)
-        prompts = [self.teacher_prompt(uid, lab) for uid, lab in zip(batch.meta["uid"], labels)]
-        out = self.teacher.score(prompts, self.responses(batch), batch.response_len)
-        mask = batch.response_mask
+        idx = list(range(len(batch))) if rows is None else rows.nonzero().flatten().tolist()
+        responses = self.responses(batch)
+        prompts = [self.teacher_prompt(batch.meta["uid"][i], labels[i]) for i in idx]
+        B, R, K = len(batch), batch.response_len, self.teacher.top_k
+        out = {"teacher_logprobs": torch.zeros(B, R), "teacher_topk_ids": torch.zeros(B, R, K, dtype=torch.long),
+               "teacher_topk_logprobs": torch.full((B, R, K), -1e4)}
+        if idx:
+            scored = self.teacher.score(prompts, [responses[i] for i in idx], R)
+            for k, v in scored.items():
+                out[k][idx] = v
+        metrics["teacher/scored_frac"] = len(idx) / max(B, 1)
+        mask = batch.response_mask.clone()
+        mask[[i for i in range(B) if i not in set(idx)]] = False
         gap = (batch.behaviour_logprobs - out["teacher_logprobs"])[mask]
         metrics.update(self.teacher.stats())
         metrics["teacher/prompt_len"] = sum(map(len, prompts)) / max(len(prompts), 1)

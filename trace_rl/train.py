@@ -285,8 +285,11 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
                                  dtype=cfg.model.dtype, max_model_len=max_model_len + 2 * cfg.data.max_prompt_length,
                                  cpus_per_actor=tc.cpus_per_actor, gpus_per_actor=tc.gpus_per_actor,
                                  gpu_memory_utilization=tc.gpu_memory_utilization,
-                                 trust_remote_code=cfg.model.trust_remote_code, seed=cfg.trainer.seed)
+                                 trust_remote_code=cfg.model.trust_remote_code, seed=cfg.trainer.seed,
+                                 ema_decay=tc.ema_decay)
         closers.append(("teacher", teacher.shutdown))
+        if tc.ema_decay:  # seed the EMA with the initial policy (a resumed run re-seeds with its weights)
+            teacher.sync(learners.state_dict_ref(), version=0)
     annotator = None
     if "annotations" in method.needs:
         annotator = get_annotator(cfg.annotator.kind, coverage=cfg.annotator.random_coverage, seed=cfg.trainer.seed)
@@ -367,7 +370,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
 
         step_params = {**params, "step": step}
         needs = method.needs_at(step, step_params)
-        extra, route_metrics = gatherer.gather(needs, batch, step, timings)
+        extra, route_metrics = gatherer.gather(needs, batch, step, timings, teacher_rows=method.teacher_rows)
         metrics.update(route_metrics)
 
         with timed(timings, "advantage"):

@@ -75,3 +75,27 @@ def test_self_teacher_resync_schedule_and_new_weights(ray_cluster, tiny_random_m
     frozen = TeacherService.__new__(TeacherService)
     frozen.kind, frozen.resync_every = "frozen", 10
     assert not any(frozen.wants_sync(s) for s in range(50))
+
+
+def test_ema_teacher_blends_the_synced_weights(ray_cluster, tiny_random_model):
+    import ray
+
+    tok = AutoTokenizer.from_pretrained(tiny_random_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model, dtype=torch.float32).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    g = torch.Generator().manual_seed(0)
+    moved = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v for k, v in base.items()}
+    teacher = TeacherService(tiny_random_model, kind="self", engine="hf", top_k=4, resync_every=1, ema_decay=0.75)
+    try:
+        teacher.sync(ray.put(base), version=0)   # seeds the EMA
+        teacher.sync(ray.put(moved), version=1)  # 0.75 * base + 0.25 * moved
+        model.load_state_dict({k: 0.75 * base[k] + 0.25 * moved[k] for k in base}, strict=False)
+        prompt = tok("What is 2 + 3?", add_special_tokens=False)["input_ids"]
+        resp = tok("Step 1: 2 + 3 = 5.", add_special_tokens=False)["input_ids"]
+        got = teacher.score([prompt], [resp], len(resp))["teacher_logprobs"][0]
+        want, _ = reference(model, prompt, resp, 4)
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+    finally:
+        teacher.shutdown()
+    with pytest.raises(ValueError, match="ema_decay"):
+        TeacherService(tiny_random_model, kind="frozen", ema_decay=0.5)

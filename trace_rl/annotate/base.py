@@ -42,7 +42,8 @@ def register_annotator(name: str):
 
 
 def get_annotator(name: str, **options: Any) -> Annotator:
-    """A ready annotator by name (``oracle``, ``random``, ``none``)."""
+    """A ready annotator by name (``oracle``, ``random``, ``none``; ``api``, ``model``, ``self``: see
+    ``trace_rl.annotate.llm``)."""
     if name not in ANNOTATORS:
         raise ValueError(f"annotator.kind={name!r} is unknown; use one of {', '.join(sorted(ANNOTATORS))}")
     return ANNOTATORS[name](**options)
@@ -109,3 +110,26 @@ def response_token_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, lis
         offsets.append((prev, cur))
         prev = cur
     return text, offsets
+
+
+# LLM annotators (trace_rl.annotate.llm): imported when asked for, so that the oracle does not pull in
+# the HTTP client or transformers.
+@register_annotator("api")
+def _api_annotator(**options: Any) -> Annotator:
+    """Any OpenAI-compatible ``/v1/chat/completions`` endpoint (``base_url``, ``model``, ``api_key_env``...)."""
+    from trace_rl.annotate.llm import api_annotator
+    return api_annotator(**options)
+
+
+@register_annotator("model")
+def _model_annotator(**options: Any) -> Annotator:
+    """A frozen local Hugging Face checkpoint (``model_path``), greedy generation."""
+    from trace_rl.annotate.llm import model_annotator
+    return model_annotator(**options)
+
+
+@register_annotator("self")
+def _self_annotator(**options: Any) -> Annotator:
+    """The current policy through a ``generate(prompt_texts) -> replies`` callable (the rollout pool)."""
+    from trace_rl.annotate.llm import self_annotator
+    return self_annotator(**options)

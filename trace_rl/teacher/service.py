@@ -7,7 +7,8 @@ response). Kinds:
 
 * ``self``: the policy itself, started from the same checkpoint; its weights are re-synced from the
   learner every ``resync_every`` steps (TRACE: 10), so the teacher is a slightly stale copy of the
-  student that sees the privileged context.
+  student that sees the privileged context. With ``ema_decay = d > 0`` a sync blends instead:
+  ``teacher <- d * teacher + (1 - d) * learner`` (the blended weights are kept by the service).
 * ``frozen``: any local HF checkpoint (the initial policy by default, or a larger model), never synced.
 
 The engine is the rollout engine class (vLLM ``prompt_logprobs`` or HF forward), so the same
@@ -31,14 +32,20 @@ class TeacherService:
     def __init__(self, model_path: str, *, kind: str = "self", engine: str = "hf", num_actors: int = 1,
                  top_k: int = 32, resync_every: int = 10, dtype: str = "float32", max_model_len: int | None = None,
                  cpus_per_actor: int = 1, gpus_per_actor: float = 0.0, gpu_memory_utilization: float = 0.2,
-                 trust_remote_code: bool = False, seed: int = 0):
+                 trust_remote_code: bool = False, seed: int = 0, ema_decay: float = 0.0):
         from trace_rl.rollout.pool import RolloutPool
 
         if kind not in TEACHER_KINDS:
             raise ValueError(f"teacher.kind={kind!r} is unknown; use one of {', '.join(TEACHER_KINDS)}")
         if top_k < 1:
             raise ValueError(f"teacher.top_k={top_k} must be >= 1")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"teacher.ema_decay={ema_decay} must be in [0, 1) (0 = plain re-sync)")
+        if ema_decay and kind != "self":
+            raise ValueError("teacher.ema_decay applies to teacher.kind=self only")
         self.kind, self.top_k, self.resync_every = kind, int(top_k), int(resync_every)
+        self.ema_decay = float(ema_decay)
+        self._ema_state: dict[str, torch.Tensor] | None = None
         self.calls, self.tokens, self.syncs = 0, 0, 0
         self.version = 0
         extra = {"max_logprobs": self.top_k} if engine == "vllm" else {}
@@ -85,7 +92,20 @@ class TeacherService:
         return self.kind == "self" and self.resync_every > 0 and step > 0 and step % self.resync_every == 0
 
     def sync(self, state_ref, version: int) -> float:
+        """Load the learner's weights (``state_ref``: an object ref to the full state dict), or blend them
+        into the EMA when ``ema_decay > 0`` (the first sync seeds the EMA with them)."""
+        import ray
+
         t0 = time.perf_counter()
+        if self.ema_decay:
+            new = ray.get(state_ref)
+            if self._ema_state is None:
+                self._ema_state = {k: v.detach().float().clone() for k, v in new.items()}
+            else:
+                d = self.ema_decay
+                for k, v in new.items():
+                    self._ema_state[k].mul_(d).add_(v.float(), alpha=1.0 - d)
+            state_ref = ray.put(self._ema_state)
         self.pool.update_weights(state_ref, version=version)
         self.version, self.syncs = int(version), self.syncs + 1
         return time.perf_counter() - t0

@@ -76,6 +76,9 @@ class MethodSpec:
     """Shared algorithm fields whose global default does not suit this method."""
     gated_needs: frozenset[str] = frozenset()
     """The needs only required while ``teacher_active`` (teacher inputs, and e.g. TRACE's annotations)."""
+    teacher_rows: str = "all"
+    """Which rollouts the teacher must score: "all", or "annotated" (only those with a key or error
+    token: the method reads teacher inputs on span tokens only, so the driver skips the rest)."""
 
     def needs_at(self, step: int, params: Mapping[str, Any] | None = None) -> frozenset[str]:
         """What the driver must gather at ``step``: ``needs``, less ``gated_needs`` once the teacher is off."""
@@ -200,7 +203,8 @@ METHODS: dict[str, MethodSpec] = {}
 def register_method(name: str, *, needs: Iterable[str] = (), description: str = "",
                     defaults: Mapping[str, Any] | None = None,
                     teacher_active: Callable[[int, Mapping[str, Any]], bool] | None = None,
-                    overrides: Mapping[str, Any] | None = None, gated_needs: Iterable[str] | None = None):
+                    overrides: Mapping[str, Any] | None = None, gated_needs: Iterable[str] | None = None,
+                    teacher_rows: str = "all"):
     """Decorator: register ``fn(inputs: MethodInputs, params: dict) -> MethodOutput`` as ``name``.
 
     ``needs`` names the extra inputs the driver must provide (keys of :data:`KNOWN_NEEDS`);
@@ -218,6 +222,9 @@ def register_method(name: str, *, needs: Iterable[str] = (), description: str = 
     gated = needs & TEACHER_NEEDS if gated_needs is None else frozenset(gated_needs)
     if not gated <= needs:
         raise ValueError(f"method {name!r}: gated_needs {sorted(gated - needs)} are not among its needs")
+    if teacher_rows not in ("all", "annotated") or (teacher_rows == "annotated" and "annotations" not in needs):
+        raise ValueError(f"method {name!r}: teacher_rows must be 'all' or 'annotated' (the latter needs "
+                         f"'annotations'), got {teacher_rows!r}")
     defaults = dict(defaults or {})
     if "step" in defaults:
         raise ValueError(f"method {name!r}: 'step' is filled by the driver, not a parameter with a default")
@@ -231,7 +238,8 @@ def register_method(name: str, *, needs: Iterable[str] = (), description: str = 
         desc = description or (inspect.getdoc(fn) or "").split("\n")[0]
         register_into(METHODS, "method", name, MethodSpec(
             name=name, fn=fn, needs=needs, description=desc, defaults=defaults,
-            teacher_active=teacher_active_merged, overrides=dict(overrides or {}), gated_needs=gated))
+            teacher_active=teacher_active_merged, overrides=dict(overrides or {}), gated_needs=gated,
+            teacher_rows=teacher_rows))
         return fn
 
     return deco

@@ -39,7 +39,7 @@ def _active(step: int, params: Mapping[str, Any]) -> bool:
 
 @register_method(
     "trace", needs=("teacher_topk", "annotations"), gated_needs=("teacher_topk", "annotations"),
-    teacher_active=_active,
+    teacher_active=_active, teacher_rows="annotated",
     defaults={"trace_lambda": schedule_defaults("hold_linear", start=0.5, hold_steps=10, decay_steps=30),
               "trace_key_kl": True, "trace_error_kl": True, "correct_threshold": 0.5, **GRPO_DEFAULTS},
     description=("TRACE: forward KL on key spans of correct rollouts ('fkl:key'), reverse KL on error spans of "
