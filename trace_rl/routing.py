@@ -153,16 +153,14 @@ class InputGatherer:
         idx = list(range(len(batch))) if rows is None else rows.nonzero().flatten().tolist()
         responses = self.responses(batch)
         prompts = [self.teacher_prompt(batch.meta["uid"][i], labels[i]) for i in idx]
-        B, R, K = len(batch), batch.response_len, self.teacher.top_k
-        out = {"teacher_logprobs": torch.zeros(B, R), "teacher_topk_ids": torch.zeros(B, R, K, dtype=torch.long),
-               "teacher_topk_logprobs": torch.full((B, R, K), -1e4)}
+        B, R = len(batch), batch.response_len
+        out = self.teacher.empty(B, R)
         if idx:
             scored = self.teacher.score(prompts, [responses[i] for i in idx], R)
             for k, v in scored.items():
                 out[k][idx] = v
         metrics["teacher/scored_frac"] = len(idx) / max(B, 1)
-        mask = batch.response_mask.clone()
-        mask[[i for i in range(B) if i not in set(idx)]] = False
+        mask = batch.response_mask if rows is None else batch.response_mask & rows[:, None]
         gap = (batch.behaviour_logprobs - out["teacher_logprobs"])[mask]
         metrics.update(self.teacher.stats())
         metrics["teacher/prompt_len"] = sum(map(len, prompts)) / max(len(prompts), 1)

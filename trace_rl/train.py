@@ -268,6 +268,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     params = asdict(cfg.algorithm)
 
     # ---- what the method needs beyond rewards: an annotator, a privileged-context teacher
+    from trace_rl.algo.channels import channel_kind
     from trace_rl.algo.exposure import ExposureTracker, teacher_coef
     from trace_rl.algo.methods.base import TEACHER_NEEDS
     from trace_rl.annotate import get_annotator
@@ -326,7 +327,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
             exposure.load_state_dict(state["exposure"])
         pool.update_weights(learners.state_dict_ref(), version=start_step)
         if teacher is not None and teacher.kind == "self" and teacher.resync_every > 0:
-            # the teacher's last sync happened at the latest multiple of resync_every
+            # the teacher's pre-interruption weights are not checkpointed: restart it from the policy's
             teacher.sync(learners.state_dict_ref(), version=start_step)
         print(f"resumed from {ckpt} at step {start_step}", flush=True)
 
@@ -386,7 +387,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
             if cfg.algorithm.filter_zero_variance:
                 # a zero-variance group has no GRPO signal, but its rows may still carry another channel
                 # (TRACE's KL on key spans of an all-correct group): keep those rows
-                other = [c for c, name in enumerate(batch.channel_names) if name.split(":")[0] != "pg"]
+                other = [c for c, name in enumerate(batch.channel_names) if channel_kind(name) != "pg"]
                 routed = (batch.channel_weights[other] != 0).any(dim=0).any(dim=1) if other else torch.zeros_like(keep)
                 keep = ~zero_var | routed
             learn_batch = batch.select(keep)

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from trace_rl.algo.registry import decorator_into, lookup
 from trace_rl.tasks.base import Problem
 
 Span = tuple[int, int]
@@ -33,20 +34,17 @@ ANNOTATORS: dict[str, Callable[..., Annotator]] = {}
 
 
 def register_annotator(name: str):
-    def deco(factory):
-        if name in ANNOTATORS:
-            raise ValueError(f"annotator {name!r} is already registered")
-        ANNOTATORS[name] = factory
-        return factory
-    return deco
+    """Decorator: register an annotator factory ``(**options) -> Annotator`` under ``name``."""
+    return decorator_into(ANNOTATORS, "annotator", name)
 
 
 def get_annotator(name: str, **options: Any) -> Annotator:
-    """A ready annotator by name (``oracle``, ``random``, ``none``; ``api``, ``model``, ``self``: see
-    ``trace_rl.annotate.llm``)."""
-    if name not in ANNOTATORS:
-        raise ValueError(f"annotator.kind={name!r} is unknown; use one of {', '.join(sorted(ANNOTATORS))}")
-    return ANNOTATORS[name](**options)
+    """A ready annotator by name (``oracle``, ``random``, ``none``, ...)."""
+    try:
+        factory = lookup(ANNOTATORS, "annotator", name)
+    except KeyError as e:
+        raise ValueError(f"annotator.kind={name!r} is unknown; {e}") from None
+    return factory(**options)
 
 
 @register_annotator("none")

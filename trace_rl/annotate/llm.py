@@ -414,6 +414,7 @@ class HFModelBackend:
 
     def complete(self, conversations: list[Messages]) -> list[Completion]:
         import torch
+        from trace_rl.rollout.base import left_pad
 
         out: list[Completion | None] = [None] * len(conversations)
         runnable: list[tuple[int, list[int]]] = []
@@ -428,12 +429,8 @@ class HFModelBackend:
                 runnable.append((i, ids))
         for s in range(0, len(runnable), self.batch_size):
             chunk = runnable[s:s + self.batch_size]
-            P = max(len(ids) for _, ids in chunk)
-            input_ids = torch.full((len(chunk), P), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), P), dtype=torch.long)
-            for r, (_, ids) in enumerate(chunk):
-                input_ids[r, P - len(ids):] = torch.tensor(ids)
-                mask[r, P - len(ids):] = 1
+            input_ids, mask = left_pad([ids for _, ids in chunk], self.pad_id)
+            P = input_ids.shape[1]
             self._counts["requests"] += len(chunk)
             with torch.no_grad():
                 gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),

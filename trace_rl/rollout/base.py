@@ -46,6 +46,17 @@ class Engine(Protocol):
     def version(self) -> int: ...
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [n, P], attention_mask [n, P])`` of token lists left-padded to the longest (for HF generate)."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[r, P - len(s):] = 1
+    return ids, mask
+
+
 def sampled_logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / T)[ids] over the last dim, in float32."""
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)

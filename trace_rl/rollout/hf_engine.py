@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from trace_rl.rollout.base import Sample, sampled_logprobs_from_logits
+from trace_rl.rollout.base import Sample, left_pad, sampled_logprobs_from_logits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,12 +46,8 @@ class HFEngine:
         return samples
 
     def _generate_chunk(self, items: list[tuple[int, list[int]]], spec: dict[str, Any]) -> list[Sample]:
-        P = max(len(p) for _, p in items)
-        ids = torch.full((len(items), P), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), P), dtype=torch.long)
-        for row, (_, p) in enumerate(items):
-            ids[row, P - len(p):] = torch.tensor(p)
-            mask[row, P - len(p):] = 1
+        ids, mask = left_pad([p for _, p in items], self.pad_id)
+        P = ids.shape[1]
         seed = spec.get("seed")
         if seed is not None:
             torch.manual_seed(seed)

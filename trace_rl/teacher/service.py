@@ -63,8 +63,7 @@ class TeacherService:
         if len(prompts) != len(responses):
             raise ValueError(f"TeacherService.score: {len(prompts)} prompts for {len(responses)} responses")
         B, R, K = len(responses), int(response_len), self.top_k
-        out = {"teacher_logprobs": torch.zeros(B, R), "teacher_topk_ids": torch.zeros(B, R, K, dtype=torch.long),
-               "teacher_topk_logprobs": torch.full((B, R, K), -1e4)}  # pad: a finite, negligible log-prob
+        out = self.empty(B, R)
         seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
         starts = [len(p) for p in prompts]
         actors = self.pool.actors
@@ -84,6 +83,12 @@ class TeacherService:
         self.calls += 1
         self.tokens += sum(len(r) for r in responses)
         return out
+
+    def empty(self, batch_size: int, response_len: int) -> dict[str, torch.Tensor]:
+        """Teacher fields of ``batch_size`` unscored rows (what padding and skipped rows carry)."""
+        B, R, K = batch_size, response_len, self.top_k
+        return {"teacher_logprobs": torch.zeros(B, R), "teacher_topk_ids": torch.zeros(B, R, K, dtype=torch.long),
+                "teacher_topk_logprobs": torch.full((B, R, K), -1e4)}  # a finite, negligible log-prob
 
     # ------------------------------------------------------------------ weights
     def wants_sync(self, step: int) -> bool:
