@@ -35,7 +35,7 @@ test-fast: setup
 # GPU nodes: the CUDA vLLM wheel pins its own torch (see docker/Dockerfile for the image).
 gpu-setup:
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -e ".[vllm,dev]"
+	$(PY) -m pip install -e ".[gpu,cluster,dev]"
 
 clean:
 	rm -rf runs outputs multirun wandb .pytest_cache

@@ -54,6 +54,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": actor_env()}
     if address:
+        # a submitted job's runtime_env already sets some of these (ray job submit --runtime-env-json); Ray
+        # refuses to merge a driver runtime_env that sets the same variables, and actors inherit the job's
+        job_env = _job_env_vars()
+        runtime_env = {"env_vars": {k: v for k, v in actor_env().items() if k not in job_env}}
         ray.init(address=address, namespace=namespace, runtime_env=runtime_env,
                  log_to_driver=log_to_driver)
         log.info("joined Ray cluster at %s", address)
@@ -62,7 +66,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         num_cpus = max(8, os.cpu_count() or 1)
     _pin_to_loopback()
     kwargs: dict[str, Any] = dict(
-        _node_ip_address="127.0.0.1", num_cpus=num_cpus, namespace=namespace,
+        # "local": always a new private cluster, even when `ray start` left one running on this machine
+        # (a bare ray.init() would join that one; to join it, pass its address or set RAY_ADDRESS)
+        address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, namespace=namespace,
         include_dashboard=include_dashboard, runtime_env=runtime_env, log_to_driver=log_to_driver,
     )
     if include_dashboard:
@@ -74,6 +80,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     ctx = ray.init(**kwargs)
     log.info("started a local Ray cluster on 127.0.0.1 (%s logical CPUs)", num_cpus)
     return {"address": ctx.address_info.get("gcs_address"), "started_local": True}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The ``env_vars`` of the submitted job's runtime_env (under ``ray job submit``; else empty)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return {}
 
 
 def _pin_to_loopback() -> None:

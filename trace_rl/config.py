@@ -154,6 +154,10 @@ class ModelConfig:
     """Recompute activations in backward (saves memory on long responses)."""
     trust_remote_code: bool = False
     """Passed to transformers / vLLM when loading."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables of the tokenizer's chat template when prompts are rendered (training, evaluation),
+    e.g. {enable_thinking: true} for Qwen3's thinking mode (on the command line:
+    +model.chat_template_kwargs.enable_thinking=true); empty = the template's defaults."""
 
 
 @dataclass
@@ -206,6 +210,18 @@ class RolloutConfig:
     """GPUs per engine actor (0 on CPU machines)."""
     seed: int = 0
     """Sampling seed."""
+    weight_sync: str = "object_store"
+    """Learner -> engine weight sync (trace_rl/sync): object_store (rank 0's full float32 weights as one Ray
+    object every engine fetches; the default), collective (a private torch.distributed group of learner rank
+    0 and every engine worker, NCCL on GPUs / gloo on CPU, weights broadcast in flat buckets; the fast path
+    for disaggregated engines), cuda_ipc (colocated GPU engines map the learners' CUDA buffers; needs
+    cluster.placement=colocated and GPUs). docs/performance.md compares them."""
+    sync_bucket_mb: float = 256.0
+    """collective / cuda_ipc: bucket size in MiB (consecutive tensors of one dtype are flattened into buffers of
+    about this size; a larger tensor travels alone)."""
+    sync_backend: str = "auto"
+    """collective: auto (NCCL when the learners and every engine are on GPUs, gloo otherwise) | gloo | nccl.
+    NCCL cannot join two ranks on one GPU: colocated engines use cuda_ipc (or gloo)."""
 
 
 @dataclass
@@ -226,6 +242,23 @@ class EvalConfig:
     """Evaluate after the last training step."""
     every: int = 0
     """Also evaluate every N steps (0 = never)."""
+    # ---- python -m trace_rl.eval (benchmark files; docs/evaluation.md)
+    benchmarks: list[str] = field(default_factory=list)
+    """Benchmark files for ``python -m trace_rl.eval``: paths (.jsonl/.json/.parquet), each optionally
+    prefixed by a name as name:path or name=path (default name: the file stem). The format (MATH-500, AIME,
+    AMC, Minerva, OlympiadBench, GPQA multiple choice) is detected from the columns."""
+    pass_k: list[int] = field(default_factory=list)
+    """k values of the unbiased pass@k reported per benchmark (each <= eval.k); empty = [1, eval.k]."""
+    n_boot: int = 1000
+    """Bootstrap resamples (over problems) for the confidence intervals; 0 = no intervals."""
+    ci_level: float = 0.95
+    """Confidence level of the bootstrap percentile intervals."""
+    seed: int = 0
+    """Seed of evaluation sampling, of the bootstrap and of the multiple-choice option order."""
+    limit: int = 0
+    """Most problems read per benchmark file (0 = all): for quick checks."""
+    output_dir: Optional[str] = None
+    """Where results.json / results.md go; null = the Hydra job directory (outputs/<date>/<time>)."""
 
 
 @dataclass
@@ -265,6 +298,23 @@ class ClusterConfig:
     """Learner placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD."""
     placement_timeout_s: float = 120.0
     """Give up (with an error naming the resources) if the placement group is not ready in time."""
+    placement: str = "disaggregated"
+    """disaggregated: rollout engines, teacher/annotator actors and learner ranks on separate resources;
+    colocated: rollout engines share the learners' accelerators (vLLM sleeps during training, DeepSpeed
+    state is offloaded during generation)."""
+    accelerator: str = "GPU"
+    """The Ray resource that stands for an accelerator (GPU; a custom resource in simulated clusters)."""
+    rollout_strategy: str = "PACK"
+    """Placement group strategy of the rollout engines' bundles (disaggregated; colocated engines share the
+    learners' group and placement_strategy)."""
+    teacher_strategy: str = "PACK"
+    """Placement group strategy of the teacher actors' bundles."""
+    annotator_strategy: str = "PACK"
+    """Placement group strategy of the annotator actors' bundles (annotator.num_actors > 0)."""
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    """Declared resources of each node of the cluster to join, e.g. [{CPU: 32, GPU: 8}, {CPU: 32, GPU: 8}]:
+    the placement plan is checked against them before anything starts (empty: a local cluster is checked
+    against num_cpus / num_gpus, a joined one against its live nodes when the groups are reserved)."""
 
 
 @dataclass
@@ -342,11 +392,66 @@ class TeacherConfig:
 class AnnotatorConfig:
     kind: str = "oracle"
     """oracle: the task's step checker (arith); random: random spans of the same coverage (the "no
-    annotator" ablation); none: no spans (every token stays on the GRPO channel)."""
+    annotator" ablation); none: no spans (every token stays on the GRPO channel); self: the current policy,
+    prompted to annotate (through the rollout pool); model: a frozen local HF checkpoint (model_path);
+    api: any OpenAI-compatible /v1/chat/completions endpoint (base_url, model, api_key_env)."""
     span_cap: float = 0.25
     """Most span tokens per response, as a fraction of its length (TRACE: 25%)."""
     random_coverage: float = 0.25
     """Character coverage of the random annotator's span."""
+    # ---- LLM annotators (self | model | api)
+    max_segments: int = 64
+    """Most numbered segments (sentences / steps) a response is split into for the annotator prompt."""
+    show_solution: bool = True
+    """Show the reference solution to the annotator (the teacher never sees the spans either way)."""
+    max_ids: int = 3
+    """Most segment ids the annotator is asked to mark per response."""
+    # ---- api
+    base_url: Optional[str] = None
+    """api: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 (a vLLM server) or a provider's URL."""
+    model: Optional[str] = None
+    """api: the served model name."""
+    api_key_env: Optional[str] = None
+    """api: name of the environment variable holding the API key (the key itself is never logged or
+    saved); null = no Authorization header."""
+    timeout_s: float = 60.0
+    """api: per-request timeout in seconds."""
+    max_retries: int = 4
+    """api: retries on 429 / 5xx / timeouts / connection errors (exponential backoff with jitter)."""
+    backoff_s: float = 1.0
+    """api: first backoff in seconds (doubles per retry; a Retry-After header wins)."""
+    backoff_max_s: float = 30.0
+    """api: longest backoff in seconds."""
+    concurrency: int = 8
+    """api: requests in flight at once (per annotator actor)."""
+    cache_dir: Optional[str] = None
+    """api: on-disk reply cache keyed by the request content (a resumed run does not pay twice); null =
+    <run_dir>/annotator_cache; empty string = no cache."""
+    max_tokens: int = 512
+    """api: max_tokens of each request."""
+    temperature: float = 0.0
+    """api: sampling temperature of each request."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """api: extra JSON fields of each request (e.g. {chat_template_kwargs: {enable_thinking: false}})."""
+    # ---- model / self
+    model_path: Optional[str] = None
+    """model: a local Hugging Face checkpoint directory with a chat template."""
+    max_new_tokens: int = 256
+    """model / self: reply length cap in tokens."""
+    batch_size: int = 8
+    """model: prompts per generate call."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """model / self: passed to the tokenizer's chat template (e.g. {enable_thinking: false})."""
+    # ---- service (api / model)
+    num_actors: int = 0
+    """api / model: annotator Ray actors a batch is split across (0 = run in the driver process)."""
+    cpus_per_actor: int = 1
+    """Ray CPUs per annotator actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs per annotator actor (model kind on GPU nodes)."""
+    probe: bool = True
+    """Annotate up to 32 reference solutions of the first evaluation set once, to track the log-prob lift
+    of their key tokens (exposure/key_logprob_lift); costs that many requests for an LLM annotator."""
 
 
 @dataclass
@@ -369,6 +474,40 @@ GROUPS = ("algorithm", "model", "data", "rollout", "eval", "learner", "cluster",
 
 
 # --------------------------------------------------------------------------------------------
+# Mandatory values. OmegaConf never lets a YAML `???` override a schema default, so a recipe's
+# `model.path: ???` would silently fall back to ModelConfig's default ('tiny'). The schema Hydra
+# composes on (``hydra_schema``) therefore leaves these fields unset: a config group that does not
+# set them (conf/model/hf.yaml, conf/data/math_files.yaml, the paper recipes) makes them mandatory,
+# and ``require_set`` names each one with its fix. Python's ``Config()`` keeps its runnable defaults.
+MANDATORY_FIELDS: dict[str, str] = {
+    "model.path": "set model.path=/path/to/hf_checkpoint (a local directory; nothing is downloaded)",
+    "data.task": "set data.task=/path/to/train.jsonl (or .parquet; problem/solution/answer columns)",
+    "data.eval_test": "set data.eval_test=/path/to/heldout.jsonl (e.g. MATH-500)",
+}
+
+
+def hydra_schema() -> Any:
+    """``Config`` as an OmegaConf structured config with the ``MANDATORY_FIELDS`` unset (``???``): the
+    node to register as ``trace_rl_schema`` in Hydra's ConfigStore."""
+    from omegaconf import MISSING, OmegaConf
+
+    schema = OmegaConf.structured(Config)
+    for key in MANDATORY_FIELDS:
+        OmegaConf.update(schema, key, MISSING)
+    return schema
+
+
+def require_set(cfg: Any) -> None:
+    """Raise ConfigError naming every mandatory value (``???``) a composed Hydra config left unset."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg)) if OmegaConf.is_config(cfg) else []
+    if missing:
+        fixes = [f"{k}: mandatory value not set (??? in the config). Fix: "
+                 f"{MANDATORY_FIELDS.get(k, f'set {k}=... on the command line')}" for k in missing]
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(fixes))
+
+
 def to_config(cfg: Any) -> Config:
     """An OmegaConf DictConfig (from Hydra) or a plain dict -> typed ``Config``."""
     from omegaconf import OmegaConf
@@ -376,6 +515,7 @@ def to_config(cfg: Any) -> Config:
     if isinstance(cfg, Config):
         return cfg
     if not isinstance(cfg, dict):
+        require_set(cfg)  # a ??? left unset must fail here, named, not fall back to the schema default
         cfg = OmegaConf.to_container(cfg, resolve=True)
     schema = OmegaConf.structured(Config)
     merged = OmegaConf.merge(schema, {k: v for k, v in cfg.items() if k in GROUPS})
@@ -426,7 +566,7 @@ _CHOICES = {
     ("logger", "console"): ("line", "none"),
     ("teacher", "kind"): ("self", "frozen"),
     ("teacher", "engine"): ("hf", "vllm"),
-    ("annotator", "kind"): ("oracle", "random", "none"),
+    ("annotator", "kind"): ("oracle", "random", "none", "self", "model", "api"),
 }
 
 
@@ -596,6 +736,20 @@ def validate(cfg: Config) -> Config:
         err("annotator.span_cap", f"{an.span_cap} is outside (0, 1]", "use 0.25 (TRACE)")
     if not (0 < an.random_coverage <= 1):
         err("annotator.random_coverage", f"{an.random_coverage} is outside (0, 1]", "use 0.25")
+
+    # ---- checks owned by other modules (each a check_config(cfg, err) function)
+    from trace_rl.annotate.service import check_config as _check_annotator
+
+    _check_annotator(cfg, err)
+    from trace_rl.sync import check_config as _check_weight_sync
+
+    _check_weight_sync(cfg, err)
+    from trace_rl.placement import check_config as _check_placement
+
+    _check_placement(cfg, err)
+    from trace_rl.eval import check_config as _check_eval
+
+    _check_eval(cfg, err)
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

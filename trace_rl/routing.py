@@ -51,10 +51,13 @@ class InputGatherer:
 
     # ------------------------------------------------------------------------------ public
     def gather(self, needs: frozenset[str], batch: Batch, step: int, timings: dict[str, float],
-               teacher_rows: str = "all") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+               teacher_rows: str = "all", before_learners: Callable[[], None] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The ``MethodInputs.extra`` tensors for ``needs`` (teacher fields are also set on ``batch``).
         ``teacher_rows="annotated"``: only rollouts with a key or error token are sent to the teacher
-        (the others get zero-filled teacher fields, which the method never reads)."""
+        (the others get zero-filled teacher fields, which the method never reads). ``before_learners`` is
+        called after annotation and before the first stage that reads the learners (teacher re-sync,
+        entropy): colocation hands them the accelerators there."""
         extra: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         labels: list[str | None] = [None] * len(batch)
@@ -64,6 +67,8 @@ class InputGatherer:
             extra.update(key_mask=key, error_mask=err)
             metrics.update(m)
             timings["timing_s/annotate"] = time.perf_counter() - t0
+        if before_learners is not None and needs & {"teacher_topk", "teacher_logprobs", "entropy"}:
+            before_learners()
         if needs & {"teacher_topk", "teacher_logprobs"}:
             t0 = time.perf_counter()
             rows = None
@@ -98,24 +103,28 @@ class InputGatherer:
         if self.annotator is None:
             raise ValueError("the method needs annotations but no annotator is configured (annotator.kind)")
         correct = (batch.rewards > 0.5).tolist()
-        key_spans, err_spans, offsets, text_lens, labels = [], [], [], [], []
         counts: Counter = Counter()
+        texts, offsets, items, where = [], [], [], []
         for i, ids in enumerate(self.responses(batch)):
             text, offs = response_token_offsets(self.tok, ids)
-            problem = self.problems.get(batch.meta["uid"][i])
-            try:
-                ann = self.annotator(problem, text, bool(correct[i])) if problem is not None else None
-            except Exception as e:  # an annotator bug must not stop training: no spans for this response
-                log.warning("annotator failed on %s: %s", batch.meta["uid"][i], e)
-                ann = None
-                counts["error"] += 1
-            if ann is None or ann.skipped:
-                counts[ann.skipped if ann is not None else "no_problem"] += 1
-            key_spans.append(ann.key_spans if ann else [])
-            err_spans.append(ann.error_spans if ann else [])
-            labels.append(ann.label if ann else None)
+            texts.append(text)
             offsets.append(offs)
-            text_lens.append(len(text))
+            problem = self.problems.get(batch.meta["uid"][i])
+            if problem is None:
+                counts["no_problem"] += 1
+                continue
+            items.append((problem, text, bool(correct[i])))
+            where.append(i)
+        anns: list[Any] = [None] * len(batch)
+        for i, ann in zip(where, annotate_items(self.annotator, items, counts)):
+            anns[i] = ann
+        for ann in anns:
+            if ann is not None and ann.skipped:
+                counts[ann.skipped] += 1
+        key_spans = [a.key_spans if a else [] for a in anns]
+        err_spans = [a.error_spans if a else [] for a in anns]
+        labels = [a.label if a else None for a in anns]
+        text_lens = [len(t) for t in texts]
         key, kstats = batch_span_masks(key_spans, offsets, batch.response_mask, max_frac=self.span_cap,
                                        text_lens=text_lens)
         err, estats = batch_span_masks(err_spans, offsets, batch.response_mask, max_frac=self.span_cap,
@@ -129,6 +138,12 @@ class InputGatherer:
             metrics[f"annotate/{name}"] = float(v + estats.get(name, 0))
         for reason, v in counts.items():
             metrics[f"annotate/skipped_{reason}"] = float(v)
+        stats = getattr(self.annotator, "stats", None)
+        if callable(stats):  # LLM annotators: cumulative request / parse counters
+            try:
+                metrics.update({k: float(v) for k, v in stats().items()})
+            except Exception as e:  # counters must not stop training
+                log.warning("annotator stats failed: %s", e)
         return key, err, labels, metrics
 
     # ------------------------------------------------------------------------------ teacher
@@ -168,6 +183,34 @@ class InputGatherer:
         return out, metrics
 
 
+def annotate_items(annotator: Callable, items: list, counts: Counter | None = None) -> list:
+    """Annotations of ``(problem, text, correct)`` items, in order: one ``annotate_batch`` call when the
+    annotator has it (LLM annotators send the requests together), else one call per item. An
+    annotator that raises costs only the affected items (None, counted as ``error``)."""
+    counts = counts if counts is not None else Counter()
+    if not items:
+        return []
+    batch_fn = getattr(annotator, "annotate_batch", None)
+    if callable(batch_fn):
+        try:
+            out = list(batch_fn(items))
+            if len(out) == len(items):
+                return out
+            log.warning("annotator returned %d annotations for %d responses; annotating one by one",
+                        len(out), len(items))
+        except Exception as e:  # an annotator bug must not stop training
+            log.warning("annotator batch failed (%s: %s); annotating one by one", type(e).__name__, e)
+    out = []
+    for problem, text, correct in items:
+        try:
+            out.append(annotator(problem, text, correct))
+        except Exception as e:  # no spans for this response
+            log.warning("annotator failed on %s: %s", getattr(problem, "uid", "?"), e)
+            counts["error"] += 1
+            out.append(None)
+    return out
+
+
 def key_token_probe(problems: list, prompt_ids: list[list[int]], tokenizer: Any, annotator: Callable,
                     span_cap: float, limit: int = 32) -> tuple[Batch, torch.Tensor] | None:
     """A fixed probe set for the key-token log-prob lift between evaluations: the reference solutions
@@ -179,17 +222,17 @@ def key_token_probe(problems: list, prompt_ids: list[list[int]], tokenizer: Any,
     from trace_rl.rollout.pool import samples_to_batch
 
     eos = tokenizer.eos_token_id
-    samples, spans, offsets, lens = [], [], [], []
+    samples, items, offsets, lens = [], [], [], []
     for i, p in enumerate(problems[:limit]):
         if not p.solution:
             continue
         ids = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         text, offs = response_token_offsets(tokenizer, ids)
-        ann = annotator(p, text, True)
         samples.append(Sample(i, ids, [0.0] * len(ids), "stop"))
-        spans.append(ann.key_spans)
+        items.append((p, text, True))
         offsets.append(offs)
         lens.append(len(text))
+    spans = [ann.key_spans if ann is not None else [] for ann in annotate_items(annotator, items)]
     if not samples or not any(spans):
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)

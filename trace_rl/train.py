@@ -19,14 +19,14 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trace_rl.batch import Batch
-from trace_rl.config import Config, to_config, validate
+from trace_rl.config import Config, hydra_schema, to_config, validate
 
 log = logging.getLogger("trace_rl")
 
@@ -77,15 +77,29 @@ def load_split(spec: str, split: str, n: int, seed: int):
     return load_task_problems(spec, split, n=n or None, seed=seed)
 
 
-def tokenize_prompts(problems, tokenizer, max_prompt_length: int, task: str):
-    """Render each problem with the chat template; drop (and count) prompts that are too long."""
+def tokenize_prompts(problems, tokenizer, max_prompt_length: int, task: str,
+                     chat_template_kwargs: dict[str, Any] | None = None):
+    """Render each problem with the chat template; drop (and count) prompts that are too long.
+
+    ``chat_template_kwargs`` (``model.chat_template_kwargs``, e.g. ``{"enable_thinking": True}`` for
+    Qwen3's thinking mode) are passed to ``tokenizer.apply_chat_template``; without them the prompt is
+    exactly ``render_prompt``'s.
+    """
     from trace_rl.tasks import instruction_for
-    from trace_rl.tasks.base import render_prompt
+    from trace_rl.tasks.base import build_messages, render_prompt
 
     kept, ids, dropped = [], [], 0
     instruction = instruction_for(task)
+    kwargs = dict(chat_template_kwargs or {})
+    if kwargs and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"model.chat_template_kwargs={kwargs} needs a tokenizer with a chat_template; "
+                         f"{type(tokenizer).__name__} has none (load a chat/instruct checkpoint)")
     for p in problems:
-        text = render_prompt(p, tokenizer, instruction=instruction)
+        if kwargs:
+            text = tokenizer.apply_chat_template(build_messages(p, instruction=instruction),
+                                                 add_generation_prompt=True, tokenize=False, **kwargs)
+        else:
+            text = render_prompt(p, tokenizer, instruction=instruction)
         tok = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(tok) > max_prompt_length:
             dropped += 1
@@ -93,6 +107,33 @@ def tokenize_prompts(problems, tokenizer, max_prompt_length: int, task: str):
         kept.append(p)
         ids.append(tok)
     return kept, ids, dropped
+
+
+def start_annotator(cfg: Config, run_dir: Path, pool: Any, tokenizer: Any, max_model_len: int,
+                    placement: Any = None):
+    """The configured annotator (``annotator.kind``): oracle / random / none in the driver; ``self``
+    generating through the rollout pool (greedy, the current policy); ``model`` / ``api`` in the driver
+    or, with ``annotator.num_actors > 0``, in an AnnotatorService. An ``api`` annotator caches replies
+    under ``<run_dir>/annotator_cache`` unless ``annotator.cache_dir`` says otherwise."""
+    from trace_rl.annotate.llm import pool_text_generate
+    from trace_rl.annotate.service import make_annotator
+
+    an = cfg.annotator
+    if an.kind == "api" and an.cache_dir is None:
+        an = replace(an, cache_dir=str(run_dir / "annotator_cache"))
+    generate = None
+    if an.kind == "self":
+        generate = pool_text_generate(pool, tokenizer, max_new_tokens=an.max_new_tokens, max_model_len=max_model_len)
+    return make_annotator(an, seed=cfg.trainer.seed, generate=generate, tokenizer=tokenizer, placement=placement)
+
+
+def model_context(model_path: str) -> int | None:
+    """The checkpoint's context length (``max_position_embeddings``), when its config says."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            return int(json.load(f).get("max_position_embeddings") or 0) or None
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_model_path(path: str) -> str:
@@ -181,9 +222,15 @@ def run(cfg: Config) -> dict[str, Any]:
     returns or raises, so the next job of a Hydra multirun starts clean.
     """
     cfg = validate(to_config(cfg))  # fails here, before any actor starts
+    return with_closers(lambda closers: _run(cfg, closers))
+
+
+def with_closers(body):
+    """``body(closers)``; whatever it appended to ``closers`` (``(name, close)`` pairs) is closed in
+    reverse order however it ends, and a failing close is logged, never raised over the body's error."""
     closers: list[tuple[str, Any]] = []
     try:
-        return _run(cfg, closers)
+        return body(closers)
     finally:
         for name, close in reversed(closers):
             try:
@@ -226,17 +273,22 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_problems, train_ids, dropped = tokenize_prompts(
         load_split(cfg.data.task, "train", cfg.data.train_size, cfg.data.seed), tokenizer, cfg.data.max_prompt_length,
-        cfg.data.task)
+        cfg.data.task, chat_template_kwargs=cfg.model.chat_template_kwargs)
     if not train_problems:
         raise ValueError(f"data.task={cfg.data.task!r} gave no usable training prompts "
                          f"({dropped} longer than data.max_prompt_length={cfg.data.max_prompt_length})")
     eval_sets = []
     for name, spec in (("test", cfg.data.eval_test), ("ood", cfg.data.eval_ood)):
         probs, ids, _ = tokenize_prompts(load_split(spec, name, cfg.data.eval_size, cfg.data.seed), tokenizer,
-                                         cfg.data.max_prompt_length, spec)
+                                         cfg.data.max_prompt_length, spec,
+                                         chat_template_kwargs=cfg.model.chat_template_kwargs)
         if probs:
             eval_sets.append(EvalSet(name, probs, ids))
     max_model_len = cfg.data.max_prompt_length + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    if cfg.annotator.kind == "self" and "annotations" in method.needs:
+        # the policy annotates through the pool: its prompts (problem, solution, numbered segments) are longer
+        max_model_len = max(max_model_len, min(model_context(model_path) or max_model_len,
+                                               4 * max_model_len + cfg.annotator.max_new_tokens))
 
     # ---- services
     cluster = init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus)
@@ -249,18 +301,30 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     closers.append(("tracker", tracker.finish))
     verifier = VerifierPool(cfg.trainer.verifier_workers, cfg.trainer.verifier_timeout_s)
     closers.append(("verifier pool", verifier.close))
+    from trace_rl.placement import ColocationProtocol, Placement, plan_from_config
+
+    # every role's placement group, reserved up front (a plan that cannot fit fails here, named)
+    placement = Placement(plan_from_config(cfg), timeout_s=cfg.cluster.placement_timeout_s)
+    closers.append(("placement groups", placement.remove))
     pool = RolloutPool(model_path, engine=cfg.rollout.engine, num_engines=cfg.rollout.num_engines,
                        dtype=cfg.model.dtype, seed=cfg.rollout.seed, max_model_len=max_model_len,
                        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                        enforce_eager=cfg.rollout.enforce_eager, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                        cpus_per_engine=cfg.rollout.cpus_per_engine, gpus_per_engine=cfg.rollout.gpus_per_engine,
-                       trust_remote_code=cfg.model.trust_remote_code, pad_token_id=pad_id)
+                       trust_remote_code=cfg.model.trust_remote_code, pad_token_id=pad_id, placement=placement)
     closers.append(("rollout pool", pool.shutdown))
     learners = LearnerGroup(cfg.learner, cfg.algorithm, cfg.model, model_path, seed=cfg.trainer.seed,
                             placement_strategy=cfg.cluster.placement_strategy,
                             placement_timeout_s=cfg.cluster.placement_timeout_s,
-                            total_steps=cfg.trainer.total_steps)
+                            total_steps=cfg.trainer.total_steps, placement=placement)
     closers.append(("learner group", learners.shutdown))
+    # colocated: engines and learners take turns on the shared accelerators (no-op when disaggregated)
+    colo = ColocationProtocol(pool, learners, enabled=placement.colocated)
+    from trace_rl.sync import make_weight_sync
+
+    weight_sync = make_weight_sync(cfg.rollout.weight_sync, learners, pool, bucket_mb=cfg.rollout.sync_bucket_mb,
+                                   backend=cfg.rollout.sync_backend)
+    closers.append(("weight sync", weight_sync.close))
     buffer = ReplayBuffer(capacity=2)
     sampler = PromptSampler(len(train_problems), cfg.data.seed, cfg.data.shuffle)
     train_spec = SamplingSpec(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -271,7 +335,6 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     from trace_rl.algo.channels import channel_kind
     from trace_rl.algo.exposure import ExposureTracker, teacher_coef
     from trace_rl.algo.methods.base import TEACHER_NEEDS
-    from trace_rl.annotate import get_annotator
     from trace_rl.routing import InputGatherer
     from trace_rl.tasks import instruction_for
     from trace_rl.teacher import PrivilegedPromptBuilder
@@ -287,21 +350,25 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
                                  cpus_per_actor=tc.cpus_per_actor, gpus_per_actor=tc.gpus_per_actor,
                                  gpu_memory_utilization=tc.gpu_memory_utilization,
                                  trust_remote_code=cfg.model.trust_remote_code, seed=cfg.trainer.seed,
-                                 ema_decay=tc.ema_decay)
+                                 ema_decay=tc.ema_decay, placement=placement)
         closers.append(("teacher", teacher.shutdown))
         if tc.ema_decay:  # seed the EMA with the initial policy (a resumed run re-seeds with its weights)
             teacher.sync(learners.state_dict_ref(), version=0)
     annotator = None
     if "annotations" in method.needs:
-        annotator = get_annotator(cfg.annotator.kind, coverage=cfg.annotator.random_coverage, seed=cfg.trainer.seed)
+        annotator = start_annotator(cfg, run_dir, pool, tokenizer, max_model_len, placement=placement)
+        if hasattr(annotator, "shutdown"):
+            closers.append(("annotator", annotator.shutdown))
     gatherer = InputGatherer(
         tokenizer=tokenizer, problems={p.uid: p for p in train_problems}, annotator=annotator,
         span_cap=cfg.annotator.span_cap, teacher=teacher, learners=learners, temperature=cfg.rollout.temperature,
         prompt_builder=PrivilegedPromptBuilder(fields=tuple(cfg.teacher.privileged),
-                                               instruction=instruction_for(cfg.data.task)))
+                                               instruction=instruction_for(cfg.data.task),
+                                               chat_template_kwargs=tuple(cfg.model.chat_template_kwargs.items())))
     exposure = ExposureTracker()
     probe = None
-    if annotator is not None and eval_sets:
+    evaluating = cfg.eval.before or cfg.eval.after or cfg.eval.every > 0
+    if annotator is not None and eval_sets and cfg.annotator.probe and evaluating:
         from trace_rl.routing import key_token_probe
 
         probe = key_token_probe(eval_sets[0].problems, eval_sets[0].prompt_ids, tokenizer, annotator,
@@ -311,6 +378,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
         """Log-prob lift of the probe's key tokens since the previous evaluation (exposure/...)."""
         if probe is None:
             return {}
+        colo.to_learners()
         exposure.record_key_logprobs(learners.logprobs(probe[0], temperature=1.0), probe[1])
         return {k: v for k, v in exposure.metrics().items() if "key_logprob" in k}
     shard_multiple = cfg.learner.num_ranks * cfg.algorithm.num_mini_batches
@@ -325,17 +393,19 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
         start_step, eval_before, totals = state["step"], state.get("eval_before"), state.get("totals", totals)
         if state.get("exposure"):
             exposure.load_state_dict(state["exposure"])
-        pool.update_weights(learners.state_dict_ref(), version=start_step)
+        weight_sync.sync(version=start_step)
         if teacher is not None and teacher.kind == "self" and teacher.resync_every > 0:
             # the teacher's pre-interruption weights are not checkpointed: restart it from the policy's
             teacher.sync(learners.state_dict_ref(), version=start_step)
         print(f"resumed from {ckpt} at step {start_step}", flush=True)
+    colo.start()  # colocated: the learners are offloaded, the engines generate first
 
     summary: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "algorithm": cfg.algorithm.name,
                                "model_path": model_path, "cluster": cluster,
                                "data": {"train_prompts": len(train_problems), "train_prompts_dropped": dropped}}
     if eval_before is None and cfg.eval.before:
         t0 = time.perf_counter()
+        colo.to_engines()
         eval_before = run_evals(pool, verifier, eval_sets, tokenizer, cfg)
         tracker.log({**eval_metrics(eval_before, cfg.eval.k), **key_lift(), "timing_s/eval": time.perf_counter() - t0},
                     step=0)
@@ -344,6 +414,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     def save(step: int) -> None:
         d = run_dir / "checkpoints" / f"step_{step}"
         d.mkdir(parents=True, exist_ok=True)
+        colo.to_learners()
         learners.save(str(d / "learner"), client_state={"step": step})
         torch.save(torch.get_rng_state(), d / "torch_rng.pt")
         (d / "driver_state.json").write_text(json.dumps({
@@ -359,6 +430,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
         metrics: dict[str, float] = {}
 
         with timed(timings, "rollout"):
+            colo.to_engines()
             idx = sampler.next(cfg.data.prompts_per_step)
             batch = pool.generate([train_ids[i] for i in idx], train_spec, version=step,
                                   meta={"uid": [train_problems[i].uid for i in idx],
@@ -371,7 +443,11 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
 
         step_params = {**params, "step": step}
         needs = method.needs_at(step, step_params)
-        extra, route_metrics = gatherer.gather(needs, batch, step, timings, teacher_rows=method.teacher_rows)
+        # colocated: the engines keep the accelerators through annotation (annotator=self generates), then
+        # hand them to the learners (teacher re-sync, entropy, training)
+        extra, route_metrics = gatherer.gather(needs, batch, step, timings, teacher_rows=method.teacher_rows,
+                                               before_learners=colo.to_learners)
+        colo.to_learners()
         metrics.update(route_metrics)
 
         with timed(timings, "advantage"):
@@ -406,7 +482,8 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
 
         with timed(timings, "sync"):
             if learn_metrics:
-                pool.update_weights(learners.state_dict_ref(), version=step + 1)
+                colo.to_engines()  # colocated: the engines wake up to receive the new weights
+                metrics.update({f"sync/{k}": v for k, v in weight_sync.sync(version=step + 1).items()})
 
         if learn_metrics.get("nonfinite", 0) > 0:
             totals["nonfinite_steps"] += 1
@@ -437,10 +514,12 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
             "perf/rollout_tokens_per_s": n_tokens / max(timings["timing_s/rollout"], 1e-9),
             "train/nonfinite_steps_total": float(totals["nonfinite_steps"]),
         })
+        metrics.update(colo.metrics())
         tracker.log(metrics, step=step + 1)
         tracker.print_step(step + 1, cfg.trainer.total_steps, metrics)
 
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.trainer.total_steps:
+            colo.to_engines()
             tracker.log({**eval_metrics(run_evals(pool, verifier, eval_sets, tokenizer, cfg), cfg.eval.k), **key_lift()},
                         step=step + 1)
         if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
@@ -449,18 +528,19 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     final_step = max(step + 1, start_step) if cfg.trainer.total_steps > start_step else start_step
     eval_after = None
     if cfg.eval.after:
+        colo.to_engines()
         eval_after = run_evals(pool, verifier, eval_sets, tokenizer, cfg)
         tracker.log({**eval_metrics(eval_after, cfg.eval.k), **key_lift()}, step=final_step)
         print(f"eval after: in-distribution {eval_after['id_accuracy']} | OOD {eval_after['ood_accuracy']}", flush=True)
     if cfg.trainer.save_final and final_step > 0:
-        save(final_step)
+        save(final_step)  # (hands the accelerators to the learners)
         learners.export_hf(str(run_dir / "final_model"))
         summary["final_model"] = str((run_dir / "final_model").resolve())
 
     summary.update({"eval_before": eval_before, "eval_after": eval_after, "steps": final_step,
                     "totals": totals, "verifier": dict(verifier.stats), "exposure": exposure.metrics(),
                     "teacher": teacher.stats() if teacher is not None else None,
-                    "annotate": dict(gatherer.annotate_counts),
+                    "annotate": dict(gatherer.annotate_counts), "placement": placement.plan.describe(),
                     "wall_time_s": time.perf_counter() - t_job})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"summary: {run_dir / 'summary.json'}", flush=True)
@@ -483,15 +563,21 @@ def main() -> None:
         print(help_text())
         print("Hydra: --cfg job prints the composed config, -m runs a sweep (e.g. -m algorithm.lr=1e-5,3e-5).")
         return
+    hydra_main(lambda hcfg: run(to_config(hcfg)))
+
+
+def hydra_main(task) -> None:
+    """Run ``task(composed config)`` under Hydra: trace_rl's ``conf/`` and schema (with its mandatory
+    fields), the command line's overrides, ``-m`` sweeps. The entry of ``trace_rl.train`` and ``trace_rl.eval``."""
     import hydra
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="trace_rl_schema", node=Config)
+    ConfigStore.instance().store(name="trace_rl_schema", node=hydra_schema())
     logging.basicConfig(level=os.environ.get("TRACE_RL_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def _hydra_main(hcfg) -> None:
-        run(to_config(hcfg))
+        task(hcfg)
 
     _hydra_main()
 

@@ -55,7 +55,10 @@ class AnnotatorService:
     ``batch_timeout_s``: the longest wait for one actor's chunk (None: no limit)."""
 
     def __init__(self, kind: str, *, num_actors: int = 2, options: dict[str, Any] | None = None,
-                 cpus_per_actor: float = 1, gpus_per_actor: float = 0.0, batch_timeout_s: float | None = None):
+                 cpus_per_actor: float = 1, gpus_per_actor: float = 0.0, batch_timeout_s: float | None = None,
+                 placement: Any = None):
+        """``placement``: a :class:`trace_rl.placement.Placement` with ``annotator`` slots; the actors (and
+        their replacements) then go to free bundles of its annotator group instead of anywhere."""
         import ray
 
         if kind not in SERVICE_KINDS:
@@ -72,7 +75,13 @@ class AnnotatorService:
             get_annotator("api", **options)  # cheap: a bad option fails here, named, before any actor starts
         self.kind, self.options = kind, options
         self.batch_timeout_s = batch_timeout_s
-        self._cls = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)(AnnotatorActor)
+        if placement is None:
+            self._cls = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)(AnnotatorActor)
+        else:
+            if placement.count("annotator") < int(num_actors):
+                raise ValueError(f"the placement plan has {placement.count('annotator')} annotator slot(s) for "
+                                 f"annotator.num_actors={num_actors}; build it from the same config")
+            self._cls = ray.remote(AnnotatorActor).options(**placement.any_bundle_options("annotator"))
         self._threads = max(1, int(cpus_per_actor))
         self.actors = [self._start() for _ in range(int(num_actors))]
         try:
@@ -156,8 +165,33 @@ class AnnotatorService:
 
 
 # ----------------------------------------------------------------------------------------- config
+class _Override:
+    """``cfg`` with some attributes replaced (works for dataclasses and plain objects alike)."""
+
+    def __init__(self, cfg: Any, **values: Any):
+        self._cfg, self._values = cfg, values
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._values:
+            return self._values[name]
+        return getattr(self._cfg, name)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (and nested ones) -> plain dicts / lists."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
 def make_annotator(cfg: Any, *, seed: int = 0, generate: Callable[[list[str]], list[str | None]] | None = None,
-                   tokenizer: Any = None):
+                   tokenizer: Any = None, placement: Any = None):
     """The annotator of an ``annotator`` config group (an ``AnnotatorConfig`` or any object with those
     attributes; missing attributes take the defaults of the backend). ``api`` / ``model`` run in an
     :class:`AnnotatorService` when ``num_actors > 0``, else in the driver process; ``self`` needs
@@ -170,18 +204,60 @@ def make_annotator(cfg: Any, *, seed: int = 0, generate: Callable[[list[str]], l
         return {n: getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None}
 
     common = pick(_ANNOTATOR_OPTS)
+    if getattr(cfg, "cache_dir", None) == "":  # "" = no cache
+        cfg = _Override(cfg, cache_dir=None)
     if kind == "self":
-        return get_annotator("self", generate=generate, tokenizer=tokenizer,
-                             **pick(("chat_template_kwargs",)), **common)
+        kwargs = {k: _plain(v) for k, v in pick(("chat_template_kwargs",)).items()}
+        return get_annotator("self", generate=generate, tokenizer=tokenizer, **kwargs, **common)
     if kind not in SERVICE_KINDS:
         return get_annotator(kind)  # unknown: get_annotator names the known kinds
     options = {**pick(_API_OPTS if kind == "api" else _MODEL_OPTS), **common}
     for name in ("extra_body", "chat_template_kwargs"):  # OmegaConf containers -> plain dicts
         if name in options:
-            options[name] = dict(options[name])
+            options[name] = _plain(options[name])
     num_actors = int(getattr(cfg, "num_actors", 0) or 0)
     if num_actors > 0:
         return AnnotatorService(kind, num_actors=num_actors, options=options,
                                 cpus_per_actor=getattr(cfg, "cpus_per_actor", 1),
-                                gpus_per_actor=getattr(cfg, "gpus_per_actor", 0.0))
+                                gpus_per_actor=getattr(cfg, "gpus_per_actor", 0.0), placement=placement)
     return get_annotator(kind, **options)
+
+
+def check_config(cfg: Any, err: Callable[[str, str, str], None]) -> None:
+    """Validate the ``annotator`` group before anything starts (called by ``trace_rl.config.validate``)."""
+    import os
+    import urllib.parse
+
+    an = cfg.annotator
+    for name in ("max_segments", "max_ids", "concurrency", "max_tokens", "max_new_tokens", "batch_size"):
+        if int(getattr(an, name)) < 1:
+            err(f"annotator.{name}", f"{getattr(an, name)} < 1", "use 1 or more")
+    if an.max_retries < 0:
+        err("annotator.max_retries", f"{an.max_retries} < 0", "use 0 (no retry) or more (default 4)")
+    if not an.timeout_s > 0:
+        err("annotator.timeout_s", f"{an.timeout_s} must be > 0", "use e.g. 60 (seconds per request attempt)")
+    if an.backoff_s < 0 or an.backoff_max_s < 0:
+        err("annotator.backoff_s/backoff_max_s", "negative backoff", "use e.g. backoff_s=1 backoff_max_s=30")
+    if an.num_actors < 0:
+        err("annotator.num_actors", f"{an.num_actors} < 0", "use 0 (in the driver) or more actors")
+    elif an.num_actors > 0 and an.kind not in SERVICE_KINDS:
+        err("annotator.num_actors", f"annotator.kind={an.kind} does not run in annotator actors",
+            f"set annotator.num_actors=0 (actors serve kinds {', '.join(SERVICE_KINDS)})")
+    if an.kind == "api":
+        url = urllib.parse.urlparse(an.base_url or "")
+        if url.scheme not in ("http", "https") or not url.netloc:
+            err("annotator.base_url", f"{an.base_url!r} is not an http(s) URL",
+                "set annotator.base_url=http://127.0.0.1:8000/v1 (the API root of an OpenAI-compatible server)")
+        if not an.model:
+            err("annotator.model", "annotator.kind=api needs the served model name",
+                "set annotator.model=<name> (vLLM: the --served-model-name or the model path it serves)")
+        if an.api_key_env and not os.environ.get(an.api_key_env):
+            err("annotator.api_key_env", f"the environment variable {an.api_key_env} is not set",
+                f"export {an.api_key_env}=<key> before starting, or annotator.api_key_env=null for no key")
+    elif an.kind == "model":
+        if not an.model_path:
+            err("annotator.model_path", "annotator.kind=model needs a checkpoint",
+                "set annotator.model_path=/path/to/hf_checkpoint (a chat model, nothing is downloaded)")
+        elif not os.path.exists(os.path.join(an.model_path, "config.json")):
+            err("annotator.model_path", f"{an.model_path!r} is not a Hugging Face checkpoint directory",
+                "point it at a directory with config.json and a tokenizer with a chat template")

@@ -20,6 +20,7 @@ import torch
 from trace_rl.batch import Batch
 from trace_rl.learner.loss import check_channels, global_counts
 from trace_rl.learner.worker import SAME_ON_ALL_RANKS, WEIGHT_PREFIX, LearnerWorker
+from trace_rl.placement import learner_cfg_for_placement
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,10 @@ class LearnerGroup:
 
     def __init__(self, learner_cfg: Any, algo_cfg: Any, model_cfg: Any, model_path: str, seed: int = 0, *,
                  placement_strategy: str = "PACK", placement_timeout_s: float = 120.0,
-                 total_steps: int | None = None, setup_timeout_s: float = 1800.0):
+                 total_steps: int | None = None, setup_timeout_s: float = 1800.0, placement: Any = None):
+        """``placement``: a :class:`trace_rl.placement.Placement` whose ``learner`` slots pin rank r to its
+        bundle (its groups are owned by the caller, not released by :meth:`shutdown`); None: the group
+        reserves its own placement group of W bundles, as described above."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -103,34 +107,43 @@ class LearnerGroup:
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
 
-        bundle: dict[str, float] = {"CPU": float(learner_cfg.cpus_per_rank)}
-        if learner_cfg.gpus_per_rank > 0:
-            bundle["GPU"] = float(learner_cfg.gpus_per_rank)
-        self.pg = placement_group([dict(bundle) for _ in range(W)], strategy=placement_strategy,
-                                  name=f"trace_rl_learner_{os.getpid()}_{id(self):x}")
-        try:
-            ray.get(self.pg.ready(), timeout=placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            self._remove_pg()
-            total = {k: v * W for k, v in bundle.items()}
-            raise LearnerPlacementError(
-                f"the learner placement group was not ready after {placement_timeout_s:g} s: it needs {W} bundles "
-                f"of {bundle} (in total {total}, strategy {placement_strategy}); the cluster has "
-                f"{_fmt_resources(ray.cluster_resources())} of which {_fmt_resources(ray.available_resources())} "
-                f"are free. Fix: lower learner.num_ranks / learner.cpus_per_rank / learner.gpus_per_rank, "
-                f"free the resources held by other actors, or add nodes (cluster.placement_timeout_s sets the wait)"
-            ) from None
-
         remote_cls = ray.remote(LearnerWorker)
         env = {"env_vars": actor_env()}
-        for rank in range(W):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
-            actor = remote_cls.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), scheduling_strategy=strategy,
-                runtime_env=env, name=None,
-            ).remote(learner_cfg, algo_cfg, model_cfg, self.model_path, rank=rank, world_size=W, seed=seed,
-                     total_steps=total_steps)
-            self.actors.append(actor)
+        self.placement = placement
+        if placement is not None:
+            # the caller's plan (trace_rl.placement): rank r on its slot's bundle, maybe shared with an engine
+            rank_options = _placed_rank_options(placement, W)
+            learner_cfg = learner_cfg_for_placement(learner_cfg, placement)
+            self.lc = learner_cfg
+            self.actors = [remote_cls.options(**rank_options[rank], runtime_env=env, name=None).remote(
+                learner_cfg, algo_cfg, model_cfg, self.model_path, rank=rank, world_size=W, seed=seed,
+                total_steps=total_steps) for rank in range(W)]
+        else:
+            bundle: dict[str, float] = {"CPU": float(learner_cfg.cpus_per_rank)}
+            if learner_cfg.gpus_per_rank > 0:
+                bundle["GPU"] = float(learner_cfg.gpus_per_rank)
+            self.pg = placement_group([dict(bundle) for _ in range(W)], strategy=placement_strategy,
+                                      name=f"trace_rl_learner_{os.getpid()}_{id(self):x}")
+            try:
+                ray.get(self.pg.ready(), timeout=placement_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                self._remove_pg()
+                total = {k: v * W for k, v in bundle.items()}
+                raise LearnerPlacementError(
+                    f"the learner placement group was not ready after {placement_timeout_s:g} s: it needs {W} "
+                    f"bundles of {bundle} (in total {total}, strategy {placement_strategy}); the cluster has "
+                    f"{_fmt_resources(ray.cluster_resources())} of which {_fmt_resources(ray.available_resources())} "
+                    f"are free. Fix: lower learner.num_ranks / learner.cpus_per_rank / learner.gpus_per_rank, "
+                    f"free the resources held by other actors, or add nodes (cluster.placement_timeout_s sets the "
+                    f"wait)") from None
+            for rank in range(W):
+                strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
+                actor = remote_cls.options(
+                    num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), scheduling_strategy=strategy,
+                    runtime_env=env, name=None,
+                ).remote(learner_cfg, algo_cfg, model_cfg, self.model_path, rank=rank, world_size=W, seed=seed,
+                         total_steps=total_steps)
+                self.actors.append(actor)
         try:
             infos = self._all([a.node_info.remote() for a in self.actors], "node_info", timeout=setup_timeout_s)
             master_addr = infos[0]["node_ip"]
@@ -310,6 +323,68 @@ class LearnerGroup:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+    # ------------------------------------------------------------------------------ weight sync (trace_rl/sync)
+    # The learner side of trace_rl.sync's collective and cuda_ipc paths (object_store uses state_dict_ref).
+    def weight_specs(self) -> list:
+        """``TensorSpec`` (HF name, full shape, dtype) of every tensor a weight sync sends (rank 0's)."""
+        self._check_alive()
+        return self._all([self.actors[0].weight_specs.remote()], "weight_specs")[0]
+
+    def open_weight_port(self, name: str) -> tuple[str, int]:
+        """Rank 0 binds the store socket of weight-sync group ``name``; its ``(host, port)``."""
+        self._check_alive()
+        return tuple(self._all([self.actors[0].open_weight_port.remote(name)], "open_weight_port")[0])
+
+    def init_weight_group(self, name: str, *, host: str, port: int, world_size: int, backend: str, buckets: list,
+                          timeout_s: float = 600.0) -> list:
+        """Start joining group ``name`` (rank 0 joins, every rank keeps the bucket plan). Returns the
+        ranks' ObjectRefs without waiting: the engines must join at the same time (trace_rl.sync
+        waits on both sides)."""
+        import ray
+
+        self._check_alive()
+        plan = ray.put(list(buckets))
+        return [a.init_weight_group.remote(name, host=host, port=port, world_size=world_size, backend=backend,
+                                           buckets=plan, timeout_s=timeout_s) for a in self.actors]
+
+    def broadcast_weights(self, name: str) -> list:
+        """Start sending the current weights through group ``name``; the ranks' ObjectRefs (not waited
+        for: the engines receive at the same time). Collective over the ranks (ZeRO-3 gathers)."""
+        self._check_alive()
+        return [a.broadcast_weights.remote(name) for a in self.actors]
+
+    def close_weight_group(self, name: str, timeout_s: float = 60.0) -> None:
+        """Leave group ``name`` on every rank (best effort; a dead group is already closed)."""
+        import ray
+
+        if not self.actors:
+            return
+        try:
+            ray.get([a.close_weight_group.remote(name) for a in self.actors], timeout=timeout_s)
+        except Exception as err:  # closing must not mask the error that led here
+            log.warning("closing weight-sync group %s: %s", name, err)
+
+    def share_weights_ipc(self, buckets: list) -> list[dict]:
+        """Every rank exports the full weights (flat buckets on its GPU) as CUDA IPC handles."""
+        import ray
+
+        self._check_alive()
+        plan = ray.put(list(buckets))
+        return self._all([a.share_weights_ipc.remote(plan) for a in self.actors], "share_weights_ipc")
+
+    def release_weights_ipc(self) -> None:
+        """Drop the buffers exported by :meth:`share_weights_ipc`."""
+        self._check_alive()
+        self._all([a.release_weights_ipc.remote() for a in self.actors], "release_weights_ipc")
+
+
+def _placed_rank_options(placement: Any, world_size: int) -> list[dict[str, Any]]:
+    """``.options()`` of every rank from a :class:`trace_rl.placement.Placement` (its ``learner`` slots)."""
+    if placement.count("learner") != world_size:
+        raise ValueError(f"the placement plan has {placement.count('learner')} learner slot(s) for learner.num_ranks="
+                         f"{world_size}; build the plan from the same config (trace_rl.placement.plan_from_config)")
+    return [placement.options("learner", rank) for rank in range(world_size)]
 
 
 def _check_args(lc: Any, algo: Any, model_path: str, strategy: str) -> None:

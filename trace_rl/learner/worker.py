@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from trace_rl.placement import ColocationLog
 from trace_rl.batch import Batch
 from trace_rl.learner.loss import Counts, check_channels, global_counts, micro_batch_loss, needs_topk
 from trace_rl.learner.policy import PolicyModel, model_inputs
@@ -131,7 +132,7 @@ class _Cached:
     ref: torch.Tensor | None = None
 
 
-class LearnerWorker:
+class LearnerWorker(ColocationLog):
     """One data-parallel rank. Construct, call :meth:`setup` on every rank at once, then train.
 
     ``setup`` joins the process group (it blocks until all W ranks joined), loads the model from
@@ -159,6 +160,11 @@ class LearnerWorker:
         self._hf_ds_config = None  # HfDeepSpeedConfig must stay alive for ZeRO-3 loading
         self._ready = False
         self.timings: dict[str, float] = {}
+        # weight sync (trace_rl/sync): bucket plans by group name, rank 0's groups / store sockets, IPC buffers
+        self._weight_plans: dict[str, list] = {}
+        self._weight_groups: dict[str, Any] = {}
+        self._weight_socks: dict[str, Any] = {}
+        self._ipc_buffers: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------------------ set-up
     def ping(self) -> dict[str, Any]:
@@ -531,6 +537,121 @@ class LearnerWorker:
         self.timings["gather_s"] = time.perf_counter() - t0
         return out
 
+    # ------------------------------------------------------------------------------ weight sync (trace_rl/sync)
+    def _sync_tensors(self) -> dict[str, torch.Tensor]:
+        """What a weight sync sends, by HF name, in :meth:`gather_state_dict`'s order: the parameters
+        (tied ones once; ZeRO-3 partitions until gathered) and the persistent buffers."""
+        policy = self.policy
+        out = dict(policy.hf_named_parameters())
+        out.update(_persistent_buffers(policy.hf))
+        return out
+
+    def weight_specs(self) -> list:
+        """``TensorSpec`` (name, full shape, dtype) of every tensor a weight sync sends; no gather."""
+        from trace_rl.sync.buckets import TensorSpec, dtype_name
+
+        self._require_ready()
+        return [TensorSpec(name, tuple(getattr(t, "ds_shape", None) or t.shape), dtype_name(t.dtype))
+                for name, t in self._sync_tensors().items()]
+
+    @contextlib.contextmanager
+    def _full_tensors(self, bucket):
+        """The bucket's tensors, full, while the context is open (collective under ZeRO-3)."""
+        tensors = self._sync_tensors()
+        items = [tensors[s.name] for s in bucket.specs]
+        if self.engine is not None and int(self.lc.zero_stage) == 3:
+            import deepspeed
+
+            params = [t for t in items if hasattr(t, "ds_id")]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield [t.data for t in items]
+        else:
+            yield [t.data for t in items]
+
+    def open_weight_port(self, name: str) -> tuple[str, int]:
+        """Rank 0: bind the store socket of weight-sync group ``name`` on this node; ``(host, port)``."""
+        from trace_rl.sync.group import listen_socket
+
+        host = self.node_info()["node_ip"]
+        sock = listen_socket(host)
+        self._weight_socks[name] = sock
+        return host, int(sock.getsockname()[1])
+
+    def init_weight_group(self, name: str, *, host: str, port: int, world_size: int, backend: str, buckets: list,
+                          timeout_s: float = 600.0) -> dict[str, Any]:
+        """Join weight-sync group ``name`` as its rank 0 (learner rank 0; blocks until the engines joined);
+        the other ranks only keep the bucket plan (they take part in the ZeRO-3 gathers)."""
+        self._require_ready()
+        self._weight_plans[name] = list(buckets)
+        if self.rank != 0:
+            return {"rank": self.rank}
+        from trace_rl.sync.group import create_weight_group
+
+        if backend == "nccl" and self.device.type != "cuda":
+            raise RuntimeError("rollout.sync_backend=nccl needs the learners on GPUs (learner.gpus_per_rank > 0)")
+        sock = self._weight_socks.pop(name, None)
+        if sock is None:
+            raise RuntimeError(f"open_weight_port({name!r}) must run on rank 0 before init_weight_group")
+        t0 = time.perf_counter()
+        device = self.device if backend == "nccl" else torch.device("cpu")
+        group = create_weight_group(host, port, 0, world_size, backend, local_ip=host, device=device,
+                                    timeout_s=timeout_s, sock=sock, buckets=buckets)
+        self._weight_groups[name] = group
+        return {"rank": self.rank, "seconds": time.perf_counter() - t0}
+
+    def broadcast_weights(self, name: str) -> dict[str, float]:
+        """Send the current full weights through group ``name``, bucket by bucket (collective over the
+        learner ranks; the engines receive at the same time)."""
+        from trace_rl.sync.group import send_buckets
+
+        self._require_ready()
+        if name not in self._weight_plans:
+            raise RuntimeError(f"no weight-sync group {name!r} on rank {self.rank}: init_weight_group first")
+        group = self._weight_groups.get(name) if self.rank == 0 else None
+        with torch.no_grad():
+            stats = send_buckets(group, self._weight_plans[name], self._full_tensors)
+        self.timings["broadcast_s"] = stats["seconds"]
+        return stats
+
+    def close_weight_group(self, name: str) -> None:
+        """Leave group ``name`` (idempotent)."""
+        self._weight_plans.pop(name, None)
+        sock = self._weight_socks.pop(name, None)
+        if sock is not None:
+            sock.close()
+        group = self._weight_groups.pop(name, None)
+        if group is not None:
+            group.close()
+
+    def share_weights_ipc(self, buckets: list) -> dict[str, Any]:
+        """Flatten the full weights into ``buckets`` on this rank's GPU and export them as CUDA IPC
+        handles (collective under ZeRO-3: every rank ends up with a full copy for its colocated
+        engines). The buffers stay alive until :meth:`release_weights_ipc`."""
+        from trace_rl.sync.buckets import flatten_bucket
+        from trace_rl.sync.ipc import export_tensor, gpu_uuid, require_cuda
+
+        self._require_ready()
+        require_cuda()
+        if self.device.type != "cuda":
+            raise RuntimeError("rollout.weight_sync=cuda_ipc needs the learners on GPUs (learner.gpus_per_rank > 0)")
+        t0 = time.perf_counter()
+        self._ipc_buffers = []
+        with torch.no_grad():
+            for bucket in buckets:
+                with self._full_tensors(bucket) as tensors:
+                    self._ipc_buffers.append(flatten_bucket(bucket, tensors, device=self.device))
+        torch.cuda.synchronize(self.device)
+        return {"rank": self.rank, "gpu_uuid": gpu_uuid(self.device),
+                "handles": [export_tensor(b) for b in self._ipc_buffers],
+                "bytes": float(sum(b.numel() * b.element_size() for b in self._ipc_buffers)),
+                "seconds": time.perf_counter() - t0}
+
+    def release_weights_ipc(self) -> None:
+        """Drop the buffers of :meth:`share_weights_ipc` (after every engine loaded them)."""
+        self._ipc_buffers = []
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()
+
     def export_hf(self, path: str) -> str | None:
         """Rank 0 writes a loadable HF checkpoint to ``path``: gathered weights (safetensors, in
         ``model.dtype``), config.json and the tokenizer files of the model directory. Collective."""
@@ -592,6 +713,43 @@ class LearnerWorker:
         self.policy.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return dict(state.get("client_state", {}))
+
+    # ------------------------------------------------------------------------------ colocation
+    def offload_states(self) -> dict[str, Any]:
+        """Colocated (trace_rl.placement): move this rank's parameters, gradients and optimizer state to CPU
+        memory while the engines generate. DeepSpeed: ``engine.offload_states()`` (ZeRO 1-3); torch: the
+        module and the optimizer state. On CPU ranks a no-op that is still counted (:meth:`colocation_log`)."""
+        self._require_ready()
+        acted = self.device.type == "cuda"
+        if acted:
+            if self.engine is not None:
+                self.engine.offload_states()
+            else:
+                self._move_torch_states(torch.device("cpu"))
+            torch.cuda.empty_cache()
+        return self._colocation_event("offload", acted)
+
+    def reload_states(self) -> dict[str, Any]:
+        """Colocated: bring the state offloaded by :meth:`offload_states` back before training."""
+        self._require_ready()
+        acted = self.device.type == "cuda"
+        if acted:
+            if self.engine is not None:
+                self.engine.reload_states()
+            else:
+                self._move_torch_states(self.device)
+        return self._colocation_event("reload", acted)
+
+    def _move_torch_states(self, device: torch.device) -> None:
+        self.policy.to(device)
+        if isinstance(self.ref, torch.nn.Module):
+            self.ref.to(device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    state[key] = value.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def _quiet_known_warnings() -> None:

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
+from trace_rl.placement import ColocationLog
 from trace_rl.rollout.base import Sample, left_pad, sampled_logprobs_from_logits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HFEngine:
+class HFEngine(ColocationLog):
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, engine_index: int = 0, batch_size: int = 64, **_: Any):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,6 +35,7 @@ class HFEngine:
         self.generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * engine_index)
         self.batch_size = batch_size
         self._version = 0
+        self._weight_group = None  # trace_rl.sync collective group, once joined
         self.startup_s = time.perf_counter() - t0
 
     @torch.no_grad()
@@ -107,16 +109,104 @@ class HFEngine:
     @torch.no_grad()
     def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> dict[str, float]:
         t0 = time.perf_counter()
+        self._load(state_dict)
+        self._version = int(version)
+        return {"tensors": float(len(state_dict)), "seconds": time.perf_counter() - t0}
+
+    def _load(self, state_dict: dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         # a tied lm_head is absent from a parameter dict; anything else missing is a bug
         missing = [k for k in missing if not (k == "lm_head.weight" and self.model.config.tie_word_embeddings)]
         if missing or unexpected:
             raise ValueError(f"weight update does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+
+    # ------------------------------------------------------------------ weight sync (trace_rl/sync)
+    def weight_sync_info(self) -> dict[str, Any]:
+        """What the collective / cuda_ipc syncs need to know: group ranks this engine takes (1), its
+        node IP, device and GPU UUIDs."""
+        from trace_rl.sync.group import local_node_ip
+
+        uuids = []
+        if self.device.type == "cuda":
+            from trace_rl.sync.ipc import gpu_uuid
+
+            uuids = [gpu_uuid(self.device)]
+        return {"ranks": 1, "node_ip": local_node_ip(), "device": self.device.type, "gpu_uuids": uuids}
+
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                          buckets: list, timeout_s: float = 600.0) -> dict[str, float]:
+        """Join the weight-sync group as rank ``rank_offset`` (blocks until every member joined)."""
+        from trace_rl.sync.group import create_weight_group, local_node_ip
+
+        self.close_weight_group()
+        t0 = time.perf_counter()
+        device = self.device if backend == "nccl" else torch.device("cpu")
+        self._weight_group = create_weight_group(host, port, rank_offset, world_size, backend,
+                                                 local_ip=local_node_ip(), device=device, timeout_s=timeout_s,
+                                                 buckets=buckets)
+        return {"seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def receive_weights(self, version: int) -> dict[str, float]:
+        """Receive every bucket broadcast by learner rank 0 and load the weights."""
+        from trace_rl.sync.group import drain_buckets, receive_buckets
+
+        group = self._weight_group
+        if group is None:
+            raise RuntimeError("receive_weights before init_weight_group")
+        t0 = time.perf_counter()
+        stats: dict[str, float] = {}
+        stream = receive_buckets(group, stats)
+        try:
+            state = dict(stream)
+        finally:
+            drain_buckets(stream)
+        t1 = time.perf_counter()
+        self._load(state)
         self._version = int(version)
-        return {"tensors": float(len(state_dict)), "seconds": time.perf_counter() - t0}
+        return {"tensors": float(len(state)), "bytes": stats.get("bytes", 0.0), "receive_s": t1 - t0,
+                "seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def load_ipc_weights(self, shared: dict[str, list], buckets: list, version: int) -> dict[str, float]:
+        """Load weights exported as CUDA IPC handles by a learner rank on this engine's GPU."""
+        from trace_rl.sync.ipc import import_buckets
+
+        t0 = time.perf_counter()
+        state = dict(import_buckets(shared, buckets))
+        self._load(state)
+        torch.cuda.synchronize(self.device)
+        n = len(state)
+        del state  # views of the learner's buffers: drop them before it releases them
+        self._version = int(version)
+        return {"tensors": float(n), "seconds": time.perf_counter() - t0}
+
+    def close_weight_group(self) -> None:
+        group = self._weight_group
+        if group is not None:
+            group.close()
+        self._weight_group = None
 
     def version(self) -> int:
         return self._version
 
     def info(self) -> dict[str, Any]:
         return {"engine": "hf", "startup_s": self.startup_s, "version": self._version, "pid": os.getpid()}
+
+    # ------------------------------------------------------------------ colocation (trace_rl.placement)
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Colocated: give the accelerator to the learners (on CUDA the model moves to CPU memory; on CPU a
+        no-op that is still counted, see :meth:`colocation_log`). ``level`` is vLLM's; ignored here."""
+        acted = self.device.type == "cuda"
+        if acted:
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        return self._colocation_event("sleep", acted)
+
+    def wake_up(self) -> dict[str, Any]:
+        """Colocated: take the accelerator back before generating."""
+        acted = self.device.type == "cuda"
+        if acted:
+            self.model.to(self.device)
+        return self._colocation_event("wake", acted)
+

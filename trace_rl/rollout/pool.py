@@ -1,7 +1,9 @@
 """``RolloutPool``: N engine actors behind one interface.
 
 Prompts are cut into contiguous chunks, one per engine, generated concurrently and put back in
-order. New weights arrive as one object-store reference that every engine fetches itself.
+order. New weights arrive as one object-store reference that every engine fetches itself
+(``update_weights``), or, for the collective and cuda_ipc paths of trace_rl.sync, through the
+weight-sync methods at the end of the class.
 """
 from __future__ import annotations
 
@@ -37,13 +39,17 @@ class RolloutPool:
                  seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  enforce_eager: bool = True, tensor_parallel_size: int = 1, cpus_per_engine: int = 1,
                  gpus_per_engine: float = 0.0, trust_remote_code: bool = False, pad_token_id: int = 0,
-                 startup_timeout_s: float = 600.0, engine_kwargs: dict[str, Any] | None = None):
+                 startup_timeout_s: float = 600.0, engine_kwargs: dict[str, Any] | None = None,
+                 placement: Any = None, role: str = "rollout"):
+        """``placement``: a :class:`trace_rl.placement.Placement` whose ``role`` slots pin engine i to its
+        bundle (None: plain ``num_cpus`` / ``num_gpus`` requests, anywhere on the cluster)."""
         import ray
 
         from trace_rl.cluster import actor_env
 
         self.engine = engine
         self.pad_token_id = pad_token_id
+        self.placement, self.role = placement, role
         env = actor_env()
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if gpus_per_engine == 0:
@@ -53,10 +59,12 @@ class RolloutPool:
         kwargs = dict(dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       max_model_len=max_model_len, trust_remote_code=trust_remote_code, **(engine_kwargs or {}))
+        if placement is not None:
+            kwargs.update(_placement_engine_kwargs(placement, role, engine, tensor_parallel_size))
         t0 = time.perf_counter()
         self.actors = [
-            cls.options(num_cpus=cpus_per_engine, num_gpus=gpus_per_engine or None,
-                        runtime_env={"env_vars": env}, name=None).remote(model_path, engine_index=i, **kwargs)
+            cls.options(**_engine_actor_options(placement, role, i, num_engines, cpus_per_engine, gpus_per_engine,
+                                                env)).remote(model_path, engine_index=i, **kwargs)
             for i in range(num_engines)
         ]
         try:
@@ -125,6 +133,84 @@ class RolloutPool:
             except Exception:  # already gone
                 pass
         self.actors = []
+
+    # ------------------------------------------------------------------ weight sync (trace_rl/sync)
+    # The engine side of trace_rl.sync's collective and cuda_ipc paths (object_store uses update_weights).
+    def weight_sync_info(self, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        """Per engine: group ranks it takes (its vLLM workers), node IP, device, GPU UUIDs."""
+        import ray
+
+        return ray.get([a.weight_sync_info.remote() for a in self.actors], timeout=timeout_s)
+
+    def init_weight_group(self, *, host: str, port: int, rank_offsets: list[int], world_size: int, backend: str,
+                          buckets: list, timeout_s: float = 600.0) -> list:
+        """Start every engine joining the weight-sync group (engine i from rank ``rank_offsets[i]``).
+        Returns the ObjectRefs without waiting: learner rank 0 joins at the same time."""
+        import ray
+
+        plan = ray.put(list(buckets))
+        return [a.init_weight_group.remote(host, port, off, world_size, backend, plan, timeout_s)
+                for a, off in zip(self.actors, rank_offsets)]
+
+    def receive_weights(self, version: int) -> list:
+        """Start every engine receiving the broadcast weights; the ObjectRefs (not waited for)."""
+        return [a.receive_weights.remote(version) for a in self.actors]
+
+    def load_ipc_weights(self, shared: dict[str, list], buckets: list, version: int) -> dict[str, float]:
+        """Every engine maps the CUDA IPC buffers exported on its GPU and loads them."""
+        import ray
+
+        t0 = time.perf_counter()
+        plan = ray.put(list(buckets))
+        stats = ray.get([a.load_ipc_weights.remote(shared, plan, version) for a in self.actors])
+        return {"seconds": time.perf_counter() - t0, "engine_seconds": max(s["seconds"] for s in stats)}
+
+    def close_weight_group(self, timeout_s: float = 60.0) -> None:
+        """Leave the weight-sync group on every engine (best effort)."""
+        import ray
+
+        if not self.actors:
+            return
+        try:
+            ray.get([a.close_weight_group.remote() for a in self.actors], timeout=timeout_s)
+        except Exception as err:  # closing must not mask the error that led here
+            log.warning("closing the engines' weight-sync group: %s", err)
+
+
+def _engine_actor_options(placement: Any, role: str, index: int, num_engines: int, cpus: float, gpus: float,
+                          env: dict[str, str]) -> dict[str, Any]:
+    """``.options()`` of engine ``index``: today's plain request without a placement, else its slot's
+    bundle (a colocated tensor-parallel engine also learns which bundles hold its shards)."""
+    if placement is None:
+        return dict(num_cpus=cpus, num_gpus=gpus or None, runtime_env={"env_vars": env}, name=None)
+    if placement.count(role) != num_engines:
+        raise ValueError(f"the placement plan has {placement.count(role)} {role} slot(s) for {num_engines} "
+                         f"engine(s); build the plan from the same config (trace_rl.placement.plan_from_config)")
+    env = dict(env)
+    slot = placement.slot(role, index)
+    if slot.shard_bundles:
+        # vLLM's Ray executor puts tensor-parallel worker k on bundle VLLM_RAY_BUNDLE_INDICES[k]
+        env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, slot.shard_bundles))
+        env["VLLM_RAY_PER_WORKER_GPUS"] = str(slot.accelerators)
+    return dict(**placement.options(role, index), runtime_env={"env_vars": env}, name=None)
+
+
+def _placement_engine_kwargs(placement: Any, role: str, engine: str,
+                             tensor_parallel_size: int) -> dict[str, Any]:
+    """Engine arguments a placement implies, passed only where the engine class accepts them: vLLM sleep
+    mode when colocated on GPUs; with tensor parallelism, vLLM's executor (mp: the shards run on the
+    devices the engine actor holds; ray: colocated shards on the bundles named above)."""
+    import inspect
+
+    accepted = inspect.signature(engine_class(engine).__init__).parameters
+    on_gpus = (placement.plan.accelerator == "GPU" and placement.count(role) > 0
+               and placement.slot(role, 0).accelerators > 0)
+    out: dict[str, Any] = {}
+    if placement.colocated and on_gpus and "enable_sleep_mode" in accepted:
+        out["enable_sleep_mode"] = True
+    if tensor_parallel_size > 1 and "distributed_executor_backend" in accepted:
+        out["distributed_executor_backend"] = "ray" if placement.colocated else "mp"
+    return out
 
 
 def _chunks(n: int, k: int) -> list[tuple[int, int]]:

@@ -5,7 +5,9 @@ update hands tensors to the model runner without serialising them. New weights a
 through vLLM's layer-wise reload; afterwards every tied / packed embedding is re-processed, because
 on the CPU backend a tied ``lm_head`` keeps its own packed copy of the embedding matrix that the
 reload does not touch (STACK_NOTES.md: logits are silently wrong otherwise), and the prefix cache is
-dropped so no KV computed with the old weights is reused.
+dropped so no KV computed with the old weights is reused. The weights arrive by one of the paths of
+trace_rl/sync (a dict from the object store, buckets from a collective group, CUDA IPC handles); all
+of them end in ``WeightSyncExtension.trace_rl_load_weights``.
 """
 from __future__ import annotations
 
@@ -15,35 +17,100 @@ from typing import Any, Iterable
 
 import torch
 
+from trace_rl.placement import ColocationLog
 from trace_rl.rollout.base import Sample
 
 
 class WeightSyncExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``): methods callable by collective_rpc."""
+    """Mixed into vLLM's worker class (``worker_extension_cls``): methods callable by collective_rpc.
+
+    Every load goes through :meth:`trace_rl_load_weights` (vLLM's in-place reload, then the
+    embedding re-pack of the module docstring), whichever way the tensors arrived: a dict from the
+    object store, a stream of buckets from a trace_rl.sync collective group (joined by each worker
+    of the engine, rank ``rank_offset + worker rank``), or CUDA IPC handles.
+    """
 
     def trace_rl_load_weights(self, items: Iterable[tuple[str, torch.Tensor]]) -> int:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
-        items = list(items)
+        count = 0
+
+        def counted():
+            nonlocal count
+            for item in items:
+                count += 1
+                yield item
+
         with set_current_vllm_config(self.vllm_config):
-            self.model_runner.reload_weights(weights_iterator=iter(items))
+            self.model_runner.reload_weights(weights_iterator=counted())
         # Refresh embedding-derived kernels (the tied lm_head's packed copy on CPU, see module doc).
-        repacked = 0
         for module in self.model_runner.model.modules():
             if isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
                 module.quant_method.process_weights_after_loading(module)
-                repacked += 1
-        return len(items)
+        return count
+
+    def trace_rl_weight_sync_info(self) -> dict[str, Any]:
+        device = torch.device(getattr(self, "device", "cpu"))
+        uuid = None
+        if device.type == "cuda":
+            from trace_rl.sync.ipc import gpu_uuid
+
+            uuid = gpu_uuid(device)
+        return {"rank": int(getattr(self, "rank", 0)), "device": device.type, "gpu_uuid": uuid}
+
+    def trace_rl_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                                   buckets: list, local_ip: str, timeout_s: float) -> int:
+        from trace_rl.sync.buckets import Bucket
+        from trace_rl.sync.group import create_weight_group
+
+        self.trace_rl_close_weight_group()
+        rank = int(rank_offset) + int(getattr(self, "rank", 0))
+        device = torch.device(getattr(self, "device", "cpu")) if backend == "nccl" else torch.device("cpu")
+        self._trace_rl_group = create_weight_group(
+            host, port, rank, world_size, backend, local_ip=local_ip, device=device, timeout_s=timeout_s,
+            buckets=[Bucket.from_plain(b) for b in buckets])
+        return rank
+
+    def trace_rl_receive_weights(self) -> dict[str, float]:
+        from trace_rl.sync.group import drain_buckets, receive_buckets
+
+        group = getattr(self, "_trace_rl_group", None)
+        if group is None:
+            raise RuntimeError("receive_weights before init_weight_group")
+        stats: dict[str, float] = {}
+        stream = receive_buckets(group, stats)
+        try:
+            stats["tensors"] = float(self.trace_rl_load_weights(stream))
+        finally:
+            drain_buckets(stream)  # a loader that stopped early must not leave the sender blocked
+        return stats
+
+    def trace_rl_load_ipc_weights(self, shared: dict[str, list], buckets: list) -> int:
+        from trace_rl.sync.buckets import Bucket
+        from trace_rl.sync.ipc import import_buckets
+
+        items = import_buckets(shared, [Bucket.from_plain(b) for b in buckets])
+        n = self.trace_rl_load_weights(items)
+        torch.cuda.synchronize()
+        del items  # views of the learner's buffers
+        return n
+
+    def trace_rl_close_weight_group(self) -> None:
+        group = getattr(self, "_trace_rl_group", None)
+        if group is not None:
+            group.close()
+        self._trace_rl_group = None
 
 
-class VLLMEngine:
+class VLLMEngine(ColocationLog):
     """One vLLM engine. Methods are called through Ray (see ``RolloutPool``)."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0,
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None,
-                 trust_remote_code: bool = False, engine_index: int = 0, max_logprobs: int = 20):
+                 trust_remote_code: bool = False, engine_index: int = 0, max_logprobs: int = 20,
+                 enable_sleep_mode: bool = False, distributed_executor_backend: str | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         from vllm import LLM
@@ -62,6 +129,10 @@ class VLLMEngine:
         )
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        if enable_sleep_mode and torch.cuda.is_available():  # colocated: vLLM refuses sleep mode on CPU
+            kwargs["enable_sleep_mode"] = True
+        if distributed_executor_backend:  # a placement's tensor-parallel bundle (trace_rl.placement)
+            kwargs["distributed_executor_backend"] = distributed_executor_backend
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._version = 0
@@ -139,9 +210,78 @@ class VLLMEngine:
         self._version = int(version)
         return {"tensors": float(n), "seconds": time.perf_counter() - t0}
 
+    # ------------------------------------------------------------------ weight sync (trace_rl/sync)
+    def weight_sync_info(self) -> dict[str, Any]:
+        """Group ranks this engine takes (one per vLLM worker), its node IP, device and GPU UUIDs."""
+        from trace_rl.sync.group import local_node_ip
+
+        workers = self.llm.collective_rpc("trace_rl_weight_sync_info")
+        return {"ranks": len(workers), "node_ip": local_node_ip(), "device": workers[0]["device"],
+                "gpu_uuids": [w["gpu_uuid"] for w in workers if w["gpu_uuid"]]}
+
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                          buckets: list, timeout_s: float = 600.0) -> dict[str, float]:
+        """Every worker joins the weight-sync group (ranks ``rank_offset ..``); blocks until all joined."""
+        from trace_rl.sync.group import local_node_ip
+
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("trace_rl_init_weight_group", args=(
+            host, port, rank_offset, world_size, backend, [b.to_plain() for b in buckets], local_node_ip(),
+            float(timeout_s)))
+        return {"seconds": time.perf_counter() - t0}
+
+    def receive_weights(self, version: int) -> dict[str, float]:
+        """Receive the buckets broadcast by learner rank 0 straight into vLLM's reload."""
+        t0 = time.perf_counter()
+        stats = self.llm.collective_rpc("trace_rl_receive_weights")[0]
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+        return {**stats, "seconds": time.perf_counter() - t0}
+
+    def load_ipc_weights(self, shared: dict[str, list], buckets: list, version: int) -> dict[str, float]:
+        """Load weights exported as CUDA IPC handles by the learner rank(s) on this engine's GPU(s)."""
+        t0 = time.perf_counter()
+        n = self.llm.collective_rpc("trace_rl_load_ipc_weights", args=(shared, [b.to_plain() for b in buckets]))[0]
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+        return {"tensors": float(n), "seconds": time.perf_counter() - t0}
+
+    def close_weight_group(self) -> None:
+        self.llm.collective_rpc("trace_rl_close_weight_group")
+
     def version(self) -> int:
         return self._version
 
     def info(self) -> dict[str, Any]:
         return {"engine": "vllm", "startup_s": self.startup_s, "version": self._version,
                 "pid": os.getpid()}
+
+    # ------------------------------------------------------------------ colocation (trace_rl.placement)
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Colocated: give the accelerator to the learners. vLLM level-1 sleep moves the weights to CPU
+        memory and drops the KV cache; it needs an LLM built with ``enable_sleep_mode`` on CUDA.
+        Elsewhere (CPU) a no-op that is still counted (:meth:`colocation_log`)."""
+        acted = self._sleep_mode_on()
+        if acted:
+            self.llm.sleep(level=int(level))
+        return self._colocation_event("sleep", acted)
+
+    def wake_up(self) -> dict[str, Any]:
+        """Colocated: take the accelerator back before generating (weights and KV cache)."""
+        acted = self._sleep_mode_on()
+        if acted:
+            self.llm.wake_up()
+        return self._colocation_event("wake", acted)
+
+    def _sleep_mode_on(self) -> bool:
+        if not torch.cuda.is_available():
+            return False
+        on = bool(getattr(self.llm.llm_engine.vllm_config.model_config, "enable_sleep_mode", False))
+        if not on and not getattr(self, "_warned_sleep", False):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "colocated vLLM engine built without enable_sleep_mode: sleep/wake keep the GPU memory")
+            self._warned_sleep = True
+        return on
+

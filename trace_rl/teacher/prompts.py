@@ -38,6 +38,9 @@ class PrivilegedPromptBuilder:
 
     fields: tuple[str, ...] = ("solution",)
     instruction: str = ""
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
+    """Passed to the chat template, as for the student's prompts (``model.chat_template_kwargs``, e.g.
+    Qwen3's thinking mode), so teacher and student see the same template."""
 
     def __post_init__(self) -> None:
         bad = [f for f in self.fields if f not in PRIVILEGED_FIELDS]
@@ -68,4 +71,4 @@ class PrivilegedPromptBuilder:
     def render(self, problem: Problem, tokenizer: Any, label: str | None = None, response: str | None = None) -> str:
         """The teacher prompt string, ending with the assistant header (the response follows it)."""
         return tokenizer.apply_chat_template(self.messages(problem, label, response), add_generation_prompt=True,
-                                             tokenize=False)
+                                             tokenize=False, **dict(self.chat_template_kwargs))

@@ -32,7 +32,9 @@ class TeacherService:
     def __init__(self, model_path: str, *, kind: str = "self", engine: str = "hf", num_actors: int = 1,
                  top_k: int = 32, resync_every: int = 10, dtype: str = "float32", max_model_len: int | None = None,
                  cpus_per_actor: int = 1, gpus_per_actor: float = 0.0, gpu_memory_utilization: float = 0.2,
-                 trust_remote_code: bool = False, seed: int = 0, ema_decay: float = 0.0):
+                 trust_remote_code: bool = False, seed: int = 0, ema_decay: float = 0.0, placement: Any = None):
+        """``placement``: a :class:`trace_rl.placement.Placement` whose ``teacher`` slots pin the actors to
+        their bundles (None: plain CPU / GPU requests anywhere on the cluster)."""
         from trace_rl.rollout.pool import RolloutPool
 
         if kind not in TEACHER_KINDS:
@@ -52,7 +54,8 @@ class TeacherService:
         self.pool = RolloutPool(model_path, engine=engine, num_engines=num_actors, dtype=dtype, seed=seed,
                                 max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                                 cpus_per_engine=cpus_per_actor, gpus_per_engine=gpus_per_actor,
-                                trust_remote_code=trust_remote_code, engine_kwargs=extra)
+                                trust_remote_code=trust_remote_code, engine_kwargs=extra, placement=placement,
+                                role="teacher")
 
     # ------------------------------------------------------------------ scoring
     def score(self, prompts: list[list[int]], responses: list[list[int]], response_len: int) -> dict[str, torch.Tensor]:

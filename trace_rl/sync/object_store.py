@@ -1,0 +1,37 @@
+"""``object_store``: learner rank 0 gathers the full weights into one Ray object; every engine fetches it.
+
+The simplest path and the default: no extra process group, works wherever Ray does, across
+nodes. It costs a copy into the object store (float32) plus one fetch per engine node, which is
+fine for small models and CPU runs; the collective path avoids both for large models.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from trace_rl.sync.base import WeightSync, rate
+from trace_rl.sync.buckets import dtype_from_name
+
+__all__ = ["ObjectStoreSync"]
+
+
+class ObjectStoreSync(WeightSync):
+    kind = "object_store"
+
+    def __init__(self, learners: Any, pool: Any):
+        super().__init__(learners, pool)
+        # gather_state_dict ships floating tensors as float32 and buffers as they are
+        self.nbytes = float(sum(s.numel * 4 if dtype_from_name(s.dtype).is_floating_point else s.nbytes
+                                for s in learners.weight_specs()))
+
+    def sync(self, version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ref = self.learners.state_dict_ref()
+        t1 = time.perf_counter()
+        stats = self.pool.update_weights(ref, version)
+        del ref  # the object store frees the copy once no one holds the reference
+        seconds = time.perf_counter() - t0
+        self.syncs += 1
+        return {"seconds": seconds, "gather_s": t1 - t0, "load_s": float(stats["seconds"]),
+                "engine_s": float(stats.get("engine_seconds", stats["seconds"])), "bytes": self.nbytes,
+                "mb_per_s": rate(self.nbytes, seconds)}
