@@ -69,7 +69,17 @@ class CraftedServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def _leave(self):
+                """The request stops counting as in flight just before its reply is written: once the client
+                has the reply it may send the next request, which must not overlap this one in the count."""
+                mode = getattr(self, "_mode", None)
+                if mode is not None:
+                    with server.lock:
+                        server.in_flight[mode] -= 1
+                    self._mode = None
+
             def _send(self, status: int, body: bytes, headers: dict | None = None, ctype="application/json"):
+                self._leave()
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -99,18 +109,19 @@ class CraftedServer:
                     n = server.per_prompt[digest] = server.per_prompt.get(digest, 0) + 1
                     server.in_flight[mode] = server.in_flight.get(mode, 0) + 1
                     server.max_in_flight[mode] = max(server.max_in_flight.get(mode, 0), server.in_flight[mode])
+                self._mode = mode
                 try:
                     time.sleep(server.delay_s)
                     self._respond(mode, user, n)
                 finally:
-                    with server.lock:
-                        server.in_flight[mode] -= 1
+                    self._leave()
 
             def _respond(self, mode: str, user: str, n: int):
                 if mode == "slow":
                     time.sleep(SLOW_S)
                 if mode == "trickle":  # headers at once, then the body one byte every 0.1 s
                     body = _completion(valid_reply(user)).encode()
+                    self._leave()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))

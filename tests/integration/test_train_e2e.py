@@ -63,7 +63,7 @@ def test_tiny_job_end_to_end_then_resume(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline files expected"
 
     # resume: continues at step 4 with the saved data position, not from scratch
-    r2 = run_job(run_dir, "trainer.total_steps=5", "trainer.resume=true", "eval.before=false")
+    r2 = run_job(run_dir, "trainer.total_steps=5", "trainer.resume=true", "eval.before=false", "eval.after=false")
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert "resumed from" in r2.stdout and "at step 3" in r2.stdout
     steps = [m["step"] for m in read_metrics(run_dir) if "timing_s/step" in m]
