@@ -44,6 +44,11 @@ def ray_cluster():
 def tiny_random_model(tmp_path_factory) -> str:
     """A small randomly initialised Qwen3 checkpoint (tied embeddings) with the project's tokenizer
     code: the mechanics tests need real HF files, not a trained model."""
+    return build_random_model(tmp_path_factory.mktemp("tiny_random"), max_position_embeddings=512)
+
+
+def build_random_model(out_dir, max_position_embeddings: int) -> str:
+    """The ``tiny_random_model`` checkpoint with ``max_position_embeddings`` positions, written to ``out_dir``."""
     from trace_rl.models.tiny import TinyModelSpec, build_tiny_model
     from trace_rl.models.tokenizer import build_tokenizer, chat_template_samples
 
@@ -51,5 +56,5 @@ def tiny_random_model(tmp_path_factory) -> str:
               for i in range(80)] + chat_template_samples() * 5
     tok = build_tokenizer(corpus, vocab_size=320)
     spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                         max_position_embeddings=512, seed=0)
-    return str(build_tiny_model(spec, tok, tmp_path_factory.mktemp("tiny_random")))
+                         max_position_embeddings=max_position_embeddings, seed=0)
+    return str(build_tiny_model(spec, tok, out_dir))

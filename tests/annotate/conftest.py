@@ -178,12 +178,6 @@ def server(crafted_server):
 def tiny_chat_model(tmp_path_factory) -> str:
     """Like the ``tiny_random_model`` fixture, with 2048 positions: the annotator prompt (problem,
     numbered segments, instructions) is ~500-750 tokens for this near character-level tokenizer."""
-    from trace_rl.models.tiny import TinyModelSpec, build_tiny_model
-    from trace_rl.models.tokenizer import build_tokenizer, chat_template_samples
+    from tests.conftest import build_random_model
 
-    corpus = [f"Tom has {i} apples and buys {i % 7} more: {i} + {i % 7} = {i + i % 7}. \\boxed{{{i + i % 7}}}"
-              for i in range(80)] + chat_template_samples() * 5
-    tok = build_tokenizer(corpus, vocab_size=320)
-    spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                         max_position_embeddings=2048, seed=0)
-    return str(build_tiny_model(spec, tok, tmp_path_factory.mktemp("tiny_chat")))
+    return build_random_model(tmp_path_factory.mktemp("tiny_chat"), max_position_embeddings=2048)
