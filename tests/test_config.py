@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from trace_rl.config import GROUPS, Config, ConfigError, field_docs, help_text, to_config, validate
+from trace_rl.config import GROUPS, Config, ConfigError, field_docs, help_text, to_config
+from trace_rl.startup import validate
 from trace_rl.train import CONF_DIR
 
 

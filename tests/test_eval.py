@@ -133,7 +133,8 @@ def test_markdown_table_shows_every_benchmark_and_interval():
     (dict(data=dict(max_prompt_length=0)), "data.max_prompt_length", "1024"),
 ])
 def test_bad_eval_and_data_config_names_the_field_and_the_fix(change, field, fix):
-    from trace_rl.config import Config, ConfigError, validate
+    from trace_rl.config import Config, ConfigError
+    from trace_rl.startup import validate
 
     cfg = Config()
     for group, values in change.items():
@@ -145,7 +146,8 @@ def test_bad_eval_and_data_config_names_the_field_and_the_fix(change, field, fix
 
 
 def test_good_eval_config_validates():
-    from trace_rl.config import Config, validate
+    from trace_rl.config import Config
+    from trace_rl.startup import validate
 
     cfg = Config()
     cfg.eval.k, cfg.eval.pass_k, cfg.eval.n_boot = 8, [1, 4, 8], 100

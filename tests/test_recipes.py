@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trace_rl.config import ConfigError, hydra_schema, require_set, to_config, validate
+from trace_rl.config import ConfigError, hydra_schema, require_set, to_config
+from trace_rl.startup import validate
 from trace_rl.train import CONF_DIR, tokenize_prompts
 
 ROOT = Path(__file__).resolve().parent.parent

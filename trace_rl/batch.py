@@ -25,7 +25,12 @@ channel_norms                 advantage    C normalisers in ("agg", "token", "se
 teacher_topk_ids              teacher      [B, R, K] long, the teacher's top-k token ids
 teacher_topk_logprobs         teacher      [B, R, K] float32, their log-probs (full-vocab normalised)
 teacher_logprobs              teacher      [B, R] float32, teacher log-prob of the sampled token
+key_mask                      annotate     [B, R] bool, annotated key-span tokens (aligned, capped)
+error_mask                    annotate     [B, R] bool, annotated error-span tokens (aligned, capped)
 ============================  ===========  ===========================================
+
+``meta`` holds per-sequence Python values the services pass along (``uid``, ``answer``,
+``finish_reason``, the annotator's ``label``); it never reaches the learner's math.
 
 Only torch, the standard library and the pure-torch ``trace_rl.algo`` are imported here, so the
 algorithm core and the tests can build batches without Ray.
@@ -58,6 +63,8 @@ class Batch:
     teacher_topk_ids: torch.Tensor | None = None
     teacher_topk_logprobs: torch.Tensor | None = None
     teacher_logprobs: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+    error_mask: torch.Tensor | None = None
     # Non-tensor, per-sequence information (problem ids, etc.); never sent to the learner's math.
     meta: dict[str, list[Any]] = field(default_factory=dict)
 
@@ -86,6 +93,14 @@ class Batch:
 
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum().item())
+
+    def nbytes(self) -> int:
+        """Bytes held by the tensor fields (what moving the batch costs)."""
+        return int(sum(v.numel() * v.element_size() for _, v in self._tensor_fields()))
+
+    def replace(self, **fields: Any) -> "Batch":
+        """A shallow copy with ``fields`` replaced (tensors are shared, not copied)."""
+        return Batch(**{**self.to_dict(), **fields})
 
     # ------------------------------------------------------------------ slicing / merging
     def _tensor_fields(self):
@@ -165,6 +180,7 @@ class Batch:
             "prompt_ids": (B, P), "prompt_mask": (B, P), "response_ids": (B, R),
             "response_mask": (B, R), "behaviour_logprobs": (B, R), "group_ids": (B,),
             "policy_version": (B,), "rewards": (B,), "advantages": (B, R), "teacher_logprobs": (B, R),
+            "key_mask": (B, R), "error_mask": (B, R),
         }
         for name, shape in expect.items():
             v = getattr(self, name)

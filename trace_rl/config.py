@@ -6,13 +6,10 @@ and names the field and the fix for every problem it finds.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
-import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -21,36 +18,12 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------
 @dataclass
-class ScheduleConfig:
-    """A coefficient over training steps (``trace_rl.algo.schedules``)."""
-    name: str = "constant"
-    """constant | hold_linear | cosine | step."""
-    start: float = 1.0
-    """Value at step 0 (the peak of hold_linear / cosine)."""
-    end: float = 0.0
-    """Final value (hold_linear, cosine)."""
-    hold_steps: int = 0
-    """hold_linear / cosine: steps held at start before decaying."""
-    decay_steps: int = 0
-    """hold_linear / cosine: steps from start to end."""
-    step_size: int = 1
-    """step: multiply by gamma every step_size steps."""
-    gamma: float = 0.5
-    """step: multiplicative factor."""
-
-
-@dataclass
-class AlgorithmConfig:
+class AlgorithmCore:
+    """The ``algorithm`` fields every method shares (the policy loss, the optimiser, the KL and
+    entropy terms). Each method's own parameters are declared in its file under
+    ``trace_rl/algo/methods/`` and added to the section by :func:`_algorithm_config_class`."""
     name: str = "grpo"
-    """Registered method (see ``python -m trace_rl.algo``): grpo, dapo, dr_grpo, ..."""
-    adv_estimator: str = "grpo"
-    """Group advantage estimator: grpo ((r - mean) / (std + eps)) or dr_grpo (r - mean)."""
-    norm_adv_by_std: bool = True
-    """GRPO: divide by the group's unbiased std (False = Dr.GRPO-style centring only)."""
-    adv_eps: float = 1e-6
-    """GRPO: added to the group std (verl 1e-6, TRL 1e-4)."""
-    singleton_group: str = "unit"
-    """GRPO advantage of a group of one: 'unit' (verl: mean 0, std 1) or 'zero' (TRL)."""
+    """Registered method (see ``python -m trace_rl.algo``): grpo, dapo, dr_grpo, trace, ..."""
     filter_zero_variance: bool = True
     """Drop groups whose rewards are all equal before learning (they carry no GRPO signal)."""
     policy_loss: str = "ppo_clip"
@@ -64,7 +37,7 @@ class AlgorithmConfig:
     log_ratio_clamp: Optional[float] = 20.0
     """Clamp |log ratio| before exp, for numerical safety; null disables."""
     loss_agg_mode: str = "token-mean"
-    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm | balanced."""
     kl_coef: float = 0.0
     """Coefficient of the KL penalty to the frozen initial policy (0 = no reference model)."""
     kl_estimator: str = "k3"
@@ -77,6 +50,13 @@ class AlgorithmConfig:
     """Optimizer steps per epoch: the rollout batch is cut into this many mini-batches."""
     old_logprobs: str = "recompute"
     """Ratio denominator: 'recompute' (learner forward before the update) or 'behaviour' (engine's)."""
+    behaviour_is: str = "auto"
+    """Truncated importance sampling between the sampling (behaviour) policy and the proximal policy, for
+    asynchronous training: auto (on when trainer.max_staleness > 0) | on | off. With it on, every
+    policy-gradient token is weighted by min(pi_old / pi_behaviour, behaviour_is_cap), pi_old being the
+    learner's recomputed log-probs (decoupled PPO; logged as async/is_*)."""
+    behaviour_is_cap: float = 2.0
+    """Upper cap of the truncated importance weight (verl's rollout_is_threshold, TIS's C)."""
     lr: float = 1e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -89,8 +69,7 @@ class AlgorithmConfig:
     """Linear learning-rate warm-up, in optimizer steps."""
     lr_schedule: str = "constant"
     """constant | cosine (decays to 0 over trainer.total_steps)."""
-
-    # ---- token-routed objectives (docs/methods/<name>.md); each method reads only its own fields
+    # ---- the teacher-divergence channel losses (read by the learner, shared by every distilling method)
     vocab_kl_tail: str = "bucket"
     """Teacher top-k KL: bucket (the mass outside the top-k is one extra entry), renorm (both
     distributions renormalised over the top-k, as SCOPE) or ignore (sum over the top-k only, as verl)."""
@@ -98,48 +77,29 @@ class AlgorithmConfig:
     """Clamp each vocabulary entry's KL term to at most this value (TRACE: 0.05); null disables."""
     jsd_beta: float = 0.5
     """Generalized JSD interpolation beta (jsd channels)."""
-    correct_threshold: float = 0.5
-    """A rollout counts as correct when its reward is above this (trace, scope)."""
-    trace_lambda: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
-        name="hold_linear", start=0.5, hold_steps=10, decay_steps=30))
-    """TRACE KL coefficient over steps (default 0.5 for 10 steps, then linearly to 0 over 30); the
-    teacher and the annotator are not called once it reaches 0."""
-    trace_key_kl: bool = True
-    """TRACE: forward KL(teacher || student) on key spans of correct rollouts."""
-    trace_error_kl: bool = True
-    """TRACE: reverse KL(student || teacher) on error spans of incorrect rollouts."""
-    opd_divergence: str = "forward"
-    """self_opd: forward | reverse | jsd KL to the privileged teacher on every token."""
-    opd_coef: ScheduleConfig = field(default_factory=ScheduleConfig)
-    """self_opd: coefficient of the all-token KL over steps."""
-    opd_with_grpo: bool = False
-    """self_opd: add the GRPO channel (False = pure on-policy distillation)."""
-    scope_tau: float = 1.0
-    """SCOPE: temperature of the in-group softmax of perplexity weights."""
-    scope_weighting: str = "paper"
-    """SCOPE: paper (student PPL^(+1/tau), weights sum to 1) or code (the released scripts' inversion)."""
-    scope_divergence: str = "reverse"
-    """SCOPE: KL direction on incorrect rollouts: forward | reverse."""
-    scope_mle_coef: ScheduleConfig = field(default_factory=ScheduleConfig)
-    """SCOPE: coefficient of the MLE path (correct rollouts)."""
-    scope_kl_coef: ScheduleConfig = field(default_factory=ScheduleConfig)
-    """SCOPE: coefficient of the KL path (incorrect rollouts)."""
-    tempo_td_coef: float = 1.0
-    """TEMPO: weight of the branch-gated TD correction added to the GRPO advantage."""
-    tip_budget: float = 0.5
-    """TIP: fraction of response tokens that receive the distillation loss."""
-    tip_overconfident_share: float = 0.5
-    """TIP: share of the budget for low-entropy tokens with high teacher-student divergence."""
-    tip_low_entropy_quantile: float = 0.5
-    """TIP: entropy quantile below which a token counts as low-entropy."""
-    tip_divergence: str = "reverse"
-    """TIP: forward | reverse | jsd on the selected tokens."""
-    tip_coef: ScheduleConfig = field(default_factory=ScheduleConfig)
-    """TIP: coefficient of the distillation channel."""
-    div_weight_power: float = 1.0
-    """div_weighted: exponent of the per-token divergence weight."""
-    div_weight_mix: float = 1.0
-    """div_weighted: mix between uniform (0) and divergence (1) weights."""
+
+
+def _algorithm_config_class() -> type:
+    """``AlgorithmConfig``: :class:`AlgorithmCore` plus every parameter the registered methods declare
+    (``trace_rl.algo.methods``: one dataclass per method, in the method's own file). The pure-torch
+    algorithm core is imported here; no subsystem is."""
+    from trace_rl.algo.methods import method_param_fields
+
+    core = {f.name for f in dataclasses.fields(AlgorithmCore)}
+    extra = []
+    for p in method_param_fields():
+        if p.name in core:
+            raise ValueError(f"method parameter {p.name!r} (of {', '.join(p.methods)}) shadows the shared "
+                             f"algorithm field of the same name; rename it")
+        extra.append((p.name, p.type, field(default_factory=p.default_factory,
+                                            metadata={"doc": p.doc, "methods": p.methods})))
+    return dataclasses.make_dataclass("AlgorithmConfig", extra, bases=(AlgorithmCore,))
+
+
+AlgorithmConfig = _algorithm_config_class()
+AlgorithmConfig.__module__ = __name__
+AlgorithmConfig.__doc__ = ("The ``algorithm`` section: the shared fields of :class:`AlgorithmCore` and each method's "
+                           "declared parameters (``trace_rl/algo/methods/<name>.py``).")
 
 
 @dataclass
@@ -210,6 +170,12 @@ class RolloutConfig:
     """GPUs per engine actor (0 on CPU machines)."""
     seed: int = 0
     """Sampling seed."""
+    stream_chunks: int = 4
+    """Each engine hands its finished groups on to reward / annotate / teacher in about this many chunks
+    while it goes on generating the rest (1 = the whole batch at the end)."""
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    """Extra engine arguments: for vLLM any ``vllm.LLM`` argument (e.g. {max_num_seqs: 256,
+    max_num_batched_tokens: 8192}); docs/performance.md lists what was measured on CPU."""
     weight_sync: str = "object_store"
     """Learner -> engine weight sync (trace_rl/sync): object_store (rank 0's full float32 weights as one Ray
     object every engine fetches; the default), collective (a private torch.distributed group of learner rank
@@ -357,6 +323,11 @@ class TrainerConfig:
     """Hard per-answer timeout of the reward function; a timed-out answer scores 0 and is counted."""
     max_nan_steps: int = 3
     """Consecutive non-finite losses tolerated (the step is skipped and counted) before stopping."""
+    max_staleness: int = 0
+    """Asynchronous training bound (AReaL's max_head_offpolicyness, prime-rl's async level): 0 = on-policy
+    lockstep (generate, then learn, then sync); k >= 1 lets the rollout of steps t+1..t+k run while the
+    learners train on step t, so a batch may be sampled by weights up to k versions older than the ones
+    it trains; staler batches are dropped and counted (async/*). See docs/pipeline.md."""
 
 
 @dataclass
@@ -523,13 +494,16 @@ def to_config(cfg: Any) -> Config:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass (the string literal under each field)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+    """The documentation of each field of a dataclass: the string literal under it in the source (of the
+    class or a dataclass base), or, for a field generated from a method's parameters, its
+    ``metadata["doc"]`` plus the methods that read it."""
+    from trace_rl.algo.methods.base import attribute_docs
+
+    docs = attribute_docs(cls)
+    for f in dataclasses.fields(cls):
+        if "doc" in f.metadata:
+            owners = ", ".join(f.metadata.get("methods", ()))
+            docs[f.name] = f.metadata["doc"] + (f" [methods: {owners}]" if owners else "")
     return docs
 
 
@@ -555,19 +529,23 @@ _CHOICES = {
                                      "seq-mean-token-sum-norm", "balanced"),
     ("algorithm", "vocab_kl_tail"): ("bucket", "renorm", "ignore"),
     ("algorithm", "old_logprobs"): ("recompute", "behaviour"),
+    ("algorithm", "behaviour_is"): ("auto", "on", "off"),
     ("algorithm", "lr_schedule"): ("constant", "cosine"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
-    ("rollout", "engine"): ("vllm", "hf"),
-    ("learner", "backend"): ("deepspeed", "torch"),
-    ("learner", "zero_stage"): (1, 2, 3),
-    ("learner", "dist_backend"): ("auto", "gloo", "nccl"),
-    ("cluster", "placement_strategy"): ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     ("logger", "wandb_mode"): ("offline", "online", "disabled"),
     ("logger", "console"): ("line", "none"),
-    ("teacher", "kind"): ("self", "frozen"),
-    ("teacher", "engine"): ("hf", "vllm"),
-    ("annotator", "kind"): ("oracle", "random", "none", "self", "model", "api"),
 }
+
+ErrorFn = Callable[[str, str, str], None]
+"""``err(field, problem, fix)``: how a check reports a problem (every subsystem's ``check_config(cfg, err)``)."""
+
+
+def check_choices(cfg: Any, err: ErrorFn, choices: dict[tuple[str, str], tuple]) -> None:
+    """``err`` for every ``(group, field)`` whose value is not one of its ``choices``."""
+    for (group, name), allowed in choices.items():
+        value = getattr(getattr(cfg, group), name)
+        if value not in allowed:
+            err(f"{group}.{name}", f"unknown value {value!r}", f"use one of {', '.join(map(str, allowed))}")
 
 
 def dry_run_method(a: AlgorithmConfig) -> str | None:
@@ -594,18 +572,20 @@ def dry_run_method(a: AlgorithmConfig) -> str | None:
     return None
 
 
-def validate(cfg: Config) -> Config:
-    """Check ``cfg`` before anything starts; raise ConfigError listing every problem with its fix."""
+def validate(cfg: Config, checks: Sequence[Callable[[Any, ErrorFn], None]] = ()) -> Config:
+    """Check ``cfg`` before anything starts; raise ConfigError listing every problem with its fix.
+
+    The sections this module owns are checked here (``algorithm`` with the method's own parameters,
+    ``model``, ``trainer``, ``logger``); every other section is checked by its subsystem's
+    ``check_config(cfg, err)``, passed in ``checks``. ``trace_rl.startup.validate`` passes all of them:
+    call that one (train and eval do) unless you want the core checks alone.
+    """
     errors: list[str] = []
 
     def err(path: str, problem: str, fix: str) -> None:
         errors.append(f"{path}: {problem}. Fix: {fix}")
 
-    for (group, name), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, group), name)
-        if value not in choices:
-            err(f"{group}.{name}", f"unknown value {value!r}", f"use one of {', '.join(map(str, choices))}")
-
+    check_choices(cfg, err, _CHOICES)
     from trace_rl.algo import registry_names  # the registries are pure python; cheap to import
 
     known = registry_names()
@@ -641,8 +621,12 @@ def validate(cfg: Config) -> Config:
             err(f"algorithm.{name}", f"{getattr(a, name)} < 1", "use 1 or more")
     if a.kl_coef < 0 or a.entropy_coef < 0:
         err("algorithm.kl_coef/entropy_coef", "negative coefficient", "use a value >= 0")
-    if a.old_logprobs == "behaviour" and a.ppo_epochs * a.num_mini_batches > 1:
-        pass  # allowed: off-policy correction is then relative to the sampling policy
+    if not (a.behaviour_is_cap >= 1 and math.isfinite(a.behaviour_is_cap)):
+        err("algorithm.behaviour_is_cap", f"{a.behaviour_is_cap} is not a finite number >= 1",
+            "use e.g. 2.0 (the importance weight is truncated at this value)")
+    if a.behaviour_is == "on" and a.old_logprobs == "behaviour":
+        err("algorithm.behaviour_is", "with old_logprobs=behaviour the ratio is already taken against the "
+            "behaviour policy", "use algorithm.old_logprobs=recompute with behaviour_is=on (decoupled PPO)")
 
     m = cfg.model
     if not m.path:
@@ -655,50 +639,6 @@ def validate(cfg: Config) -> Config:
         elif not os.path.exists(os.path.join(m.path, "config.json")):
             err("model.path", f"{m.path!r} has no config.json", "point it at a Hugging Face checkpoint directory")
 
-    d = cfg.data
-    if d.prompts_per_step < 1:
-        err("data.prompts_per_step", f"{d.prompts_per_step} < 1", "use 1 or more")
-    r = cfg.rollout
-    if r.n < 1:
-        err("rollout.n", f"{r.n} < 1", "use 2 or more (GRPO needs a group)")
-    elif r.n == 1 and a.adv_estimator in ("grpo", "dr_grpo"):
-        err("rollout.n", "1 sample per prompt gives every GRPO advantage 0", "use rollout.n >= 2")
-    if r.num_engines < 1:
-        err("rollout.num_engines", f"{r.num_engines} < 1", "use 1 or more")
-    if not (r.temperature > 0):
-        err("rollout.temperature", f"{r.temperature} must be > 0", "use 1.0 for training rollouts")
-    if not (0 < r.top_p <= 1):
-        err("rollout.top_p", f"{r.top_p} is outside (0, 1]", "use 1.0 for training rollouts")
-    if r.max_new_tokens < 1:
-        err("rollout.max_new_tokens", f"{r.max_new_tokens} < 1", "use e.g. 128")
-    if r.gpus_per_engine == 0 and r.tensor_parallel_size > 1:
-        err("rollout.tensor_parallel_size", "tensor parallelism needs GPUs",
-            "set rollout.gpus_per_engine >= 1 or tensor_parallel_size=1")
-    if not (0 < r.gpu_memory_utilization <= 1):
-        err("rollout.gpu_memory_utilization", f"{r.gpu_memory_utilization} is outside (0, 1]",
-            "use 0.3 on CPU, 0.5-0.9 on GPUs")
-    if cfg.eval.k < 1:
-        err("eval.k", f"{cfg.eval.k} < 1", "use 1 or more")
-
-    lc = cfg.learner
-    if lc.num_ranks < 1:
-        err("learner.num_ranks", f"{lc.num_ranks} < 1", "use 1 or more")
-    if lc.micro_batch_size < 1:
-        err("learner.micro_batch_size", f"{lc.micro_batch_size} < 1", "use 1 or more")
-    batch = d.prompts_per_step * r.n
-    per_update = a.num_mini_batches * max(lc.num_ranks, 1)
-    if lc.num_ranks >= 1 and a.num_mini_batches >= 1 and batch % per_update:
-        err("data.prompts_per_step", f"the rollout batch ({d.prompts_per_step} prompts x {r.n} samples = "
-            f"{batch}) is not divisible by algorithm.num_mini_batches x learner.num_ranks = {per_update}",
-            f"make prompts_per_step * rollout.n a multiple of {per_update}")
-    elif lc.num_ranks >= 1 and lc.micro_batch_size >= 1 and a.num_mini_batches >= 1:
-        per_rank = batch // per_update
-        if per_rank % lc.micro_batch_size and per_rank > lc.micro_batch_size:
-            err("learner.micro_batch_size", f"{lc.micro_batch_size} does not divide the {per_rank} sequences "
-                "each rank gets per mini-batch", f"use a divisor of {per_rank}")
-    if lc.backend == "deepspeed" and lc.zero_stage == 3 and lc.num_ranks < 1:
-        err("learner.zero_stage", "ZeRO-3 needs at least one rank", "use learner.num_ranks >= 1")
-
     t = cfg.trainer
     if t.total_steps < 0:
         err("trainer.total_steps", f"{t.total_steps} < 0", "use 0 (evaluate only) or more")
@@ -706,51 +646,16 @@ def validate(cfg: Config) -> Config:
         err("trainer.verifier_workers", f"{t.verifier_workers} < 1", "use 1 or more")
     if not (t.verifier_timeout_s > 0):
         err("trainer.verifier_timeout_s", f"{t.verifier_timeout_s} must be > 0", "use e.g. 5")
+    if t.max_staleness < 0:
+        err("trainer.max_staleness", f"{t.max_staleness} < 0",
+            "use 0 (on-policy lockstep) or k >= 1 (rollout runs up to k policy versions ahead)")
     if cfg.logger.wandb and cfg.logger.wandb_mode == "online":
         import os
         if not os.environ.get("WANDB_API_KEY") and not os.path.exists(os.path.expanduser("~/.netrc")):
             err("logger.wandb_mode", "online W&B needs credentials", "set WANDB_API_KEY, or use logger.wandb_mode=offline")
 
-    tc, an = cfg.teacher, cfg.annotator
-    if tc.top_k < 1:
-        err("teacher.top_k", f"{tc.top_k} < 1", "use e.g. 32 (TRACE-style vocabulary KL on the teacher's top-k)")
-    if not 0 <= tc.ema_decay < 1:
-        err("teacher.ema_decay", f"{tc.ema_decay} is outside [0, 1)", "use 0 (plain re-sync) or e.g. 0.9")
-    elif tc.ema_decay and tc.kind != "self":
-        err("teacher.ema_decay", "an EMA teacher must be teacher.kind=self", "set teacher.kind=self or ema_decay=0")
-    if tc.resync_every < 0:
-        err("teacher.resync_every", f"{tc.resync_every} < 0", "use 10 (TRACE) or 0 to never re-sync")
-    if tc.num_actors < 1:
-        err("teacher.num_actors", f"{tc.num_actors} < 1", "use 1 or more")
-    from trace_rl.teacher.prompts import PRIVILEGED_FIELDS
-
-    bad = [f for f in tc.privileged if f not in PRIVILEGED_FIELDS]
-    if bad:
-        err("teacher.privileged", f"unknown fields {bad}", f"use a subset of {list(PRIVILEGED_FIELDS)}")
-    if tc.model_path is not None:
-        import os
-        if not os.path.exists(os.path.join(tc.model_path, "config.json")):
-            err("teacher.model_path", f"{tc.model_path!r} is not a Hugging Face checkpoint directory",
-                "give a local checkpoint, or null for the initial policy")
-    if not (0 < an.span_cap <= 1):
-        err("annotator.span_cap", f"{an.span_cap} is outside (0, 1]", "use 0.25 (TRACE)")
-    if not (0 < an.random_coverage <= 1):
-        err("annotator.random_coverage", f"{an.random_coverage} is outside (0, 1]", "use 0.25")
-
-    # ---- checks owned by other modules (each a check_config(cfg, err) function)
-    from trace_rl.annotate.service import check_config as _check_annotator
-
-    _check_annotator(cfg, err)
-    from trace_rl.sync import check_config as _check_weight_sync
-
-    _check_weight_sync(cfg, err)
-    from trace_rl.placement import check_config as _check_placement
-
-    _check_placement(cfg, err)
-    from trace_rl.eval import check_config as _check_eval
-
-    _check_eval(cfg, err)
-
+    for check in checks:
+        check(cfg, err)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return cfg

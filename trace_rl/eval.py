@@ -160,6 +160,10 @@ def check_config(cfg: Any, err: Callable[[str, str, str], None]) -> None:
     from trace_rl.tasks.benchmarks import parse_spec
 
     e, d = cfg.eval, cfg.data
+    if e.k < 1:
+        err("eval.k", f"{e.k} < 1", "use 1 or more")
+    if d.prompts_per_step < 1:
+        err("data.prompts_per_step", f"{d.prompts_per_step} < 1", "use 1 or more")
     if e.temperature < 0:
         err("eval.temperature", f"{e.temperature} < 0", "use 0.6 (the paper) or 0 for greedy")
     if not 0 < e.top_p <= 1:
@@ -234,14 +238,13 @@ def run_eval(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
 
     Whatever happens, the services started here are shut down before it returns or raises.
     """
-    from trace_rl.config import ConfigError, to_config, validate
+    from trace_rl.config import ConfigError
+    from trace_rl.startup import validate, with_closers
 
-    cfg = validate(to_config(cfg))
+    cfg = validate(cfg)
     if not cfg.eval.benchmarks:
         raise ConfigError("invalid configuration:\n  - eval.benchmarks: no benchmark files. Fix: "
                           "eval.benchmarks=[/data/math500.jsonl,/data/aime24.jsonl,...] (docs/evaluation.md)")
-    from trace_rl.train import with_closers
-
     out = Path(output_dir or cfg.eval.output_dir or _default_output_dir())
     return with_closers(lambda closers: _run_eval(cfg, out, closers))
 
@@ -256,16 +259,11 @@ def _default_output_dir() -> str:
 
 
 def _run_eval(cfg: Any, out_dir: Path, closers: list) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    import ray
-
-    from trace_rl.cluster import init_ray
     from trace_rl.rewards.pool import VerifierPool
-    from trace_rl.rollout.pool import RolloutPool
+    from trace_rl.startup import (load_tokenizer, resolve_model_path, start_cluster, start_rollout_pool,
+                                  tokenize_prompts)
     from trace_rl.tasks.benchmarks import load_benchmark
     from trace_rl.tracking import Tracker
-    from trace_rl.train import resolve_model_path, tokenize_prompts
 
     t_job = time.perf_counter()
     e = cfg.eval
@@ -275,9 +273,7 @@ def _run_eval(cfg: Any, out_dir: Path, closers: list) -> dict[str, Any]:
 
     # ---- files first (no actor yet): a bad benchmark file fails here
     model_path = resolve_model_path(cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path,
-                                              trust_remote_code=cfg.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer, pad_id = load_tokenizer(cfg, model_path)
     benches, eval_sets, dropped = [], [], {}
     for spec in e.benchmarks:
         b = load_benchmark(spec, limit=e.limit, seed=e.seed)
@@ -293,9 +289,7 @@ def _run_eval(cfg: Any, out_dir: Path, closers: list) -> dict[str, Any]:
     max_model_len = max_prompt + e.max_new_tokens
 
     # ---- services
-    cluster = init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus)
-    if cluster.get("started_local"):
-        closers.append(("ray", ray.shutdown))
+    start_cluster(cfg, closers)
     run_name = cfg.logger.run_name or f"eval-{Path(model_path).name}"
     tracker = Tracker(out_dir, config=asdict(cfg), use_wandb=cfg.logger.wandb, wandb_mode=cfg.logger.wandb_mode,
                       project=cfg.logger.project, entity=cfg.logger.entity, run_name=run_name,
@@ -306,11 +300,7 @@ def _run_eval(cfg: Any, out_dir: Path, closers: list) -> dict[str, Any]:
         verifiers[fn] = VerifierPool(cfg.trainer.verifier_workers, cfg.trainer.verifier_timeout_s, score_fn=fn)
         closers.append((f"verifier pool {fn}", verifiers[fn].close))
     r = cfg.rollout
-    pool = RolloutPool(model_path, engine=r.engine, num_engines=r.num_engines, dtype=cfg.model.dtype, seed=e.seed,
-                       max_model_len=max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
-                       enforce_eager=r.enforce_eager, tensor_parallel_size=r.tensor_parallel_size,
-                       cpus_per_engine=r.cpus_per_engine, gpus_per_engine=r.gpus_per_engine,
-                       trust_remote_code=cfg.model.trust_remote_code, pad_token_id=pad_id)
+    pool = start_rollout_pool(cfg, model_path, max_model_len=max_model_len, seed=e.seed, pad_id=pad_id)
     closers.append(("rollout pool", pool.shutdown))
 
     # ---- one benchmark at a time
@@ -378,7 +368,7 @@ def main() -> None:
         print(__doc__)
         print("Every field: python -m trace_rl.train --help (the eval.* group above all).")
         return
-    from trace_rl.train import hydra_main
+    from trace_rl.startup import hydra_main
 
     hydra_main(lambda hcfg: run_eval(prepare_eval_config(hcfg)))
 

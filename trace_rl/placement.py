@@ -211,25 +211,10 @@ def plan_placement(*, mode: str = "disaggregated", accelerator: str = "GPU", rol
     return plan
 
 
-def _role_flags(cfg: Any) -> tuple[bool, bool]:
-    """Whether the configured method runs a teacher service and an annotator service."""
-    try:
-        from trace_rl.algo import TEACHER_NEEDS, get_method
-
-        needs = get_method(cfg.algorithm.name).needs
-    except Exception:  # an unknown method is reported by validate() itself
-        return False, False
-    an = cfg.annotator
-    annotator = ("annotations" in needs and an.kind in ("api", "model") and int(an.num_actors or 0) > 0)
-    return bool(needs & TEACHER_NEEDS), annotator
-
-
-def plan_from_config(cfg: Any, *, teacher: bool | None = None, annotator: bool | None = None) -> PlacementPlan:
+def plan_from_config(cfg: Any, *, teacher: bool, annotator: bool) -> PlacementPlan:
     """The plan of a :class:`~trace_rl.config.Config`. ``teacher`` / ``annotator``: whether those
-    services run (default: what the configured method needs)."""
-    need_teacher, need_annotator = _role_flags(cfg)
-    teacher = need_teacher if teacher is None else teacher
-    annotator = need_annotator if annotator is None else annotator
+    services run as actors with their own resources; the start-up decides that once, from the method's
+    declared needs (``trace_rl.startup.decide_services``), and passes it here."""
     c, r, lc, tc, an = cfg.cluster, cfg.rollout, cfg.learner, cfg.teacher, cfg.annotator
     return plan_placement(
         mode=c.placement, accelerator=c.accelerator,
@@ -260,11 +245,16 @@ def declared_nodes(cfg: Any) -> tuple[list[dict[str, float]], tuple[str, ...]]:
     return [node], names
 
 
-def check_config(cfg: Any, err: Callable[[str, str, str], None]) -> None:
+def check_config(cfg: Any, err: Callable[[str, str, str], None], *, teacher: bool, annotator: bool) -> None:
     """Placement checks of ``validate()``: mode and strategies, tensor parallelism, colocation
-    pairing, and whether the plan can fit the cluster's declared resources."""
+    pairing, and whether the plan (with the ``teacher`` / ``annotator`` services the start-up decided)
+    can fit the cluster's declared resources."""
     c, r, lc = cfg.cluster, cfg.rollout, cfg.learner
     ok = True
+    if c.placement_strategy not in STRATEGIES:
+        err("cluster.placement_strategy", f"unknown value {c.placement_strategy!r}",
+            f"use one of {', '.join(STRATEGIES)}")
+        ok = False
     if c.placement not in MODES:
         err("cluster.placement", f"unknown value {c.placement!r}", f"use one of {', '.join(MODES)}")
         ok = False
@@ -292,6 +282,10 @@ def check_config(cfg: Any, err: Callable[[str, str, str], None]) -> None:
             f"use rollout.gpus_per_engine=1 (each engine then reserves {tp} accelerators)")
         ok = False
     if colocated:
+        if cfg.trainer.max_staleness > 0:
+            err("trainer.max_staleness", f"{cfg.trainer.max_staleness}: colocated engines and learners take turns "
+                "on the same accelerators, so rollout cannot run ahead of learning",
+                "use trainer.max_staleness=0 with cluster.placement=colocated, or cluster.placement=disaggregated")
         if r.num_engines * max(tp, 1) != lc.num_ranks:
             err("cluster.placement", f"colocated pairs each learner rank with one engine shard, but "
                 f"rollout.num_engines x rollout.tensor_parallel_size = {r.num_engines} x {tp} accelerators "
@@ -312,7 +306,7 @@ def check_config(cfg: Any, err: Callable[[str, str, str], None]) -> None:
     if not ok or r.num_engines < 1 or lc.num_ranks < 1:
         return
     try:
-        plan = plan_from_config(cfg)
+        plan = plan_from_config(cfg, teacher=teacher, annotator=annotator)
     except ValueError as e:
         err("cluster.placement", str(e), "fix the fields named in the message")
         return

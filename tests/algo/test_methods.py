@@ -168,7 +168,7 @@ def test_describe_and_cli(capsys):
                  "Policy losses", "singleton='unit'", "trace  [needs: annotations*, teacher_topk*]",
                  "trace_lambda=hold_linear(start=0.5, end=0.0, hold_steps=10, decay_steps=30)",
                  "tempo  [needs: prefix_tree]", "scope_weighting='paper'", "overrides: filter_zero_variance=False",
-                 "Schedules", "hold_linear"):
+                 "Schedules", "hold_linear", "Aggregation modes", "balanced", "seq-mean-token-sum-norm"):
         assert word in text
     # what `python -m trace_rl.algo` does, in-process (a subprocess would re-import torch: seconds)
     with warnings.catch_warnings():  # "__main__ already in sys.modules": we imported describe from it

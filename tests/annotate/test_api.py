@@ -243,14 +243,17 @@ def test_driver_options_coverage_and_seed_are_accepted(server):
 
 # ----------------------------------------------------------------------------------------- in the driver
 def test_the_driver_annotate_stage_routes_spans_and_survives_malformed_replies(server, tiny_random_model):
-    """InputGatherer.annotate (trace_rl/routing.py) with the api annotator: replies become token masks under
-    the cap, malformed replies leave their rows on GRPO and are counted, labels reach the teacher side."""
+    """The annotate stage's work (trace_rl.routing.annotate_batch) with the api annotator: replies become
+    token masks under the cap, malformed replies leave their rows on GRPO and are counted, labels reach the
+    teacher side."""
     import torch
     from transformers import AutoTokenizer
 
     from trace_rl.rollout.base import Sample
     from trace_rl.rollout.pool import samples_to_batch
-    from trace_rl.routing import InputGatherer
+    from collections import Counter
+
+    from trace_rl.routing import annotate_batch
 
     tok = AutoTokenizer.from_pretrained(tiny_random_model)
     batch_items = items("valid", 2) + items("malformed", 2, seed=1)  # correct, incorrect, correct, incorrect
@@ -262,9 +265,9 @@ def test_the_driver_annotate_stage_routes_spans_and_survives_malformed_replies(s
     batch = samples_to_batch([[1, 2]] * 4, samples, pad_token_id=tok.pad_token_id, version=0,
                              meta={"uid": [p.uid for p in problems]})
     batch.rewards = torch.tensor([1.0 if c else 0.0 for _, _, c in batch_items])
-    g = InputGatherer(tokenizer=tok, problems={p.uid: p for p in problems}, annotator=annotator(server),
-                      span_cap=0.25)
-    key, err, labels, metrics = g.annotate(batch)
+    counts: Counter = Counter()
+    key, err, labels, metrics = annotate_batch(annotator(server), batch, tok, {p.uid: p for p in problems}, 0.25,
+                                               counts)
     n = batch.response_mask.sum(1)
     assert bool(key[0].any()) and not bool(err[0].any()) and bool(err[1].any()) and not bool(key[1].any())
     assert not bool((key[2:] | err[2:]).any())  # malformed: GRPO only

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from omegaconf import OmegaConf
 from trace_rl.annotate import Annotation
 from trace_rl.annotate.llm import ApiBackend, GenerateBackend, LLMAnnotator
 from trace_rl.annotate.service import make_annotator
-from trace_rl.config import AnnotatorConfig, Config, ConfigError, validate
+from trace_rl.config import AnnotatorConfig, Config, ConfigError
+from trace_rl.startup import validate
 from trace_rl.routing import annotate_items
 from trace_rl.tasks.arith import generate
 
@@ -71,14 +73,31 @@ def test_make_annotator_builds_the_configured_backend(tmp_path):
     assert out.key_spans and out.label == "x" and len(calls) == 1
 
 
-def test_driver_puts_the_api_cache_under_the_run_dir(tmp_path):
-    from trace_rl.train import start_annotator
+@pytest.mark.slow
+def test_annotate_stage_puts_the_api_cache_under_the_run_dir(ray_cluster, tmp_path, tiny_random_model):
+    """The start-up gives an api annotator without annotator.cache_dir a cache in the run directory."""
+    import ray
+
+    from trace_rl.pipeline.stages import Stages
+    from trace_rl.startup import Files, decide_services
 
     cfg = cfg_with(kind="api", base_url="http://127.0.0.1:9/v1", model="m")
-    ann = start_annotator(cfg, tmp_path, pool=None, tokenizer=None, max_model_len=512)
-    assert ann.backend.cache_dir == tmp_path / "annotator_cache"
-    cfg.annotator.cache_dir = str(tmp_path / "shared")
-    assert start_annotator(cfg, tmp_path, None, None, 512).backend.cache_dir == tmp_path / "shared"
+    cfg.algorithm.name = "trace"
+    cfg.teacher.kind = "frozen"
+    files = Files(tiny_random_model, None, 0, [], [], 0, [], 256)
+    closers: list = []
+    svc = decide_services(cfg)
+    stages = Stages.start(cfg, files, replace(svc, teacher=False), tmp_path, pool=_NoEngines(), closers=closers)
+    try:
+        info = ray.get(stages.annotate.info.remote())
+        assert info["kind"] == "api" and info["cache_dir"] == str(tmp_path / "annotator_cache")
+    finally:
+        for _, close in reversed(closers):
+            close()
+
+
+class _NoEngines:
+    actors: list = []
 
 
 class _Batchy:

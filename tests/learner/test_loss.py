@@ -1,6 +1,7 @@
 """trace_rl/learner/loss.py: channel routing and global normalisation, without any model."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -198,3 +199,43 @@ def test_balanced_mode_in_the_learner_matches_a_naive_formula():
     want = sum(sums[s][2] / n * sums[s][0] / max(sums[s][1], 1) for s in (1, -1, 0))
     assert sums[1][2] > 0 and sums[-1][2] > 0
     assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("cap", [1.5, 2.0])
+def test_behaviour_is_weights_each_pg_token_by_the_truncated_ratio_loop(cap):
+    """algorithm.behaviour_is=on (asynchronous training): every policy-gradient token is weighted by
+    min(pi_old / pi_behaviour, cap), computed here token by token; the micro-batch split still adds up."""
+    algo = AlgorithmConfig(loss_agg_mode="token-mean", behaviour_is="on", behaviour_is_cap=cap)
+    batch = make_batch(B=6, seed=5)
+    g = torch.Generator().manual_seed(9)
+    batch.behaviour_logprobs = (batch.behaviour_logprobs + 0.8 * torch.randn(batch.behaviour_logprobs.shape,
+                                                                            generator=g)) * batch.response_mask
+    logp, old, _, _ = _inputs(batch, seed=2)
+    got = micro_batch_loss(batch, logp, old, global_counts(batch), algo)
+    w = batch.channel_weights[0]
+    pg, n_pg, wsum, clipped = 0.0, 0, 0.0, 0
+    for i in range(len(batch)):
+        for t in range(batch.response_len):
+            if not batch.response_mask[i, t] or w[i, t] == 0:
+                continue
+            lp, o, a = float(logp[i, t].detach()), float(old[i, t]), float(batch.advantages[i, t])
+            r = math.exp(lp - o)
+            rc = min(max(r, 0.8), 1.28)
+            raw = math.exp(o - float(batch.behaviour_logprobs[i, t]))
+            iw = min(raw, cap)
+            pg += float(w[i, t]) * max(-a * r, -a * rc) * iw
+            wsum += iw
+            clipped += raw > cap
+            n_pg += 1
+    assert float(got.loss.detach()) == pytest.approx(pg / n_pg, abs=1e-5)
+    assert got.token_metrics["async/is_weight_mean"][0] == pytest.approx(wsum / n_pg, abs=1e-5)
+    assert got.token_metrics["async/is_clipped_frac"][0] == pytest.approx(clipped / n_pg, abs=1e-6)
+    assert 0 < clipped < n_pg  # the case exercises the cap
+    off = micro_batch_loss(batch, logp, old, global_counts(batch), dataclasses.replace(algo, behaviour_is="off"))
+    assert float(off.loss.detach()) != pytest.approx(float(got.loss.detach()), abs=1e-6)
+    assert "async/is_weight_mean" not in off.token_metrics
+    # the micro-batches' losses still add up to the whole batch's
+    counts = global_counts(batch)
+    parts = sum(float(micro_batch_loss(batch.select(slice(s, s + 2)), logp[s:s + 2], old[s:s + 2], counts,
+                                       algo).loss.detach()) for s in range(0, 6, 2))
+    assert parts == pytest.approx(float(got.loss.detach()), abs=1e-6)

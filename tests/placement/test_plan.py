@@ -6,15 +6,25 @@ import random
 
 import pytest
 
-from trace_rl.config import Config, ConfigError, to_config, validate
+from trace_rl.config import Config, ConfigError, to_config
+from trace_rl.startup import decide_services, validate
 from trace_rl.placement import (SHARED, PlacementPlan, RoleSpec, check_config, learner_cfg_for_placement,
                                 plan_from_config, plan_placement)
 
 
 def _errors(overrides: dict) -> list[str]:
     errors: list[str] = []
-    check_config(to_config(overrides), lambda path, problem, fix: errors.append(f"{path}: {problem}. Fix: {fix}"))
+    cfg = to_config(overrides)
+    s = decide_services(cfg)
+    check_config(cfg, lambda path, problem, fix: errors.append(f"{path}: {problem}. Fix: {fix}"),
+                 teacher=s.teacher, annotator=s.annotator_actors)
     return errors
+
+
+def _plan(cfg):
+    """The plan of ``cfg`` with the services the start-up decides from the method's needs."""
+    s = decide_services(cfg)
+    return plan_from_config(cfg, teacher=s.teacher, annotator=s.annotator_actors)
 
 
 # ------------------------------------------------------------------------------------- plans
@@ -135,7 +145,7 @@ def test_fit_check_names_the_misfit():
 # ------------------------------------------------------------------------------------- config
 def test_default_config_plans_and_validates():
     cfg = validate(Config())
-    plan = plan_from_config(cfg)
+    plan = _plan(cfg)
     assert set(plan.groups) == {"rollout", "learner"}  # grpo: no teacher, no annotator service
     assert _errors({}) == []
 
@@ -143,7 +153,10 @@ def test_default_config_plans_and_validates():
 def test_plan_from_config_adds_services_the_method_needs():
     cfg = to_config({"algorithm": {"name": "trace"}, "annotator": {"kind": "api", "num_actors": 2},
                      "teacher": {"num_actors": 2}, "cluster": {"teacher_strategy": "SPREAD"}})
-    plan = plan_from_config(cfg)
+    s = decide_services(cfg)
+    assert s.teacher and s.annotator == "api" and s.annotator_actors
+    assert not decide_services(to_config({"algorithm": {"name": "trace"}})).annotator_actors  # oracle: in a stage
+    plan = _plan(cfg)
     assert set(plan.groups) == {"rollout", "learner", "teacher", "annotator"}
     assert len(plan.groups["teacher"].bundles) == 2 and plan.groups["teacher"].strategy == "SPREAD"
     assert len(plan.groups["annotator"].bundles) == 2
@@ -167,6 +180,8 @@ def test_plan_from_config_adds_services_the_method_needs():
       "learner": {"gpus_per_rank": 1}}, "the plan reserves 4 GPU in all, the cluster has 2"),
     ({"cluster": {"num_cpus": 2}, "learner": {"num_ranks": 2}}, "the plan reserves 3 CPU in all, the cluster has 2"),
     ({"cluster": {"nodes": [{"CPU": -1}]}}, "cluster.nodes[0]: resources {'CPU': -1}"),
+    ({"cluster": {"placement": "colocated"}, "trainer": {"max_staleness": 1}, "rollout": {"num_engines": 2},
+      "learner": {"num_ranks": 2}}, "trainer.max_staleness: 1: colocated engines and learners take turns"),
 ])
 def test_check_config_names_field_and_fix(overrides, needle):
     errors = _errors(overrides)
@@ -181,7 +196,7 @@ def test_validate_runs_the_placement_checks():
     good = {"cluster": {"placement": "colocated", "accelerator": "fake_gpu", "nodes": [{"CPU": 8, "fake_gpu": 2}]},
             "rollout": {"num_engines": 2, "gpus_per_engine": 0.5}, "learner": {"num_ranks": 2, "gpus_per_rank": 0.5}}
     assert _errors(good) == []
-    plan = plan_from_config(validate(to_config(good)))
+    plan = _plan(validate(to_config(good)))
     assert plan.groups[SHARED].bundles == ({"CPU": 2.0, "fake_gpu": 1.0},) * 2
 
 

@@ -125,3 +125,52 @@ def test_samples_to_batch_pads_left_and_right():
     assert b.behaviour_logprobs[0].tolist() == pytest.approx([-0.1, -0.2, 0, 0])
     # padding keeps the last position (it is masked anyway)
     assert b.position_ids().tolist() == [[0, 1, 2, 3, 4, 4, 4], [0, 0, 0, 1, 2, 3, 4]]
+
+
+def test_generate_stream_hands_on_whole_groups_as_object_refs(pool, tiny_random_model):
+    """The streaming generation (the producer's path): alternating Batch / stats refs, every group whole and
+    in exactly one chunk, group ids global across engines, policy version stamped by the engine; with the
+    HF engine the concatenated chunks equal a plain generate() with the same seed."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from trace_rl.batch import Batch
+    from trace_rl.pipeline.route import concat_chunks
+
+    tok = AutoTokenizer.from_pretrained(tiny_random_model)
+    prompts = _prompts(tok) * 2  # 8 prompts over the pool's engines
+    spec = {"n": 3, "temperature": 1.0, "max_new_tokens": 16}
+    meta = {"uid": [f"u{i}" for i in range(8)], "answer": [str(i) for i in range(8)]}
+    chunks, stats = [], []
+    for stream in pool.generate_stream(prompts, spec, meta=meta, chunks=4):
+        for ref in stream:
+            assert isinstance(ref, ray.ObjectRef)
+            chunks.append(ray.get(ref))
+            stats.append(ray.get(next(stream)))
+    assert all(isinstance(c, Batch) for c in chunks) and all(isinstance(s, dict) for s in stats)
+    for c, s in zip(chunks, stats):
+        c.validate()
+        assert s["rows"] == len(c) and s["groups"] == len(set(c.group_ids.tolist())) and s["end"] >= s["start"]
+        counts = torch.bincount(c.group_ids)
+        assert set(counts[counts > 0].tolist()) == {3}  # whole groups only
+        assert [c.meta["uid"][i] for i in range(len(c))] == [f"u{int(g)}" for g in c.group_ids]
+    batch = concat_chunks(chunks, pad_token_id=0)
+    assert batch.group_ids.tolist() == [g for g in range(8) for _ in range(3)]
+    assert sum(s["tokens"] for s in stats) == batch.num_response_tokens()
+    assert set(batch.policy_version.tolist()) == set(pool.versions())
+    if pool.engine == "hf":  # the same sub-batches and seeds as generate(): identical samples
+        from trace_rl.rollout.pool import RolloutPool
+
+        fresh = RolloutPool(tiny_random_model, engine="hf", num_engines=len(pool), max_model_len=256, pad_token_id=0,
+                            seed=7)
+        fresh2 = RolloutPool(tiny_random_model, engine="hf", num_engines=len(pool), max_model_len=256,
+                             pad_token_id=0, seed=7)
+        try:
+            want = fresh.generate(prompts, spec, meta=meta)
+            items = [ray.get(r) for st in fresh2.generate_stream(prompts, spec, meta=meta, chunks=2) for r in st]
+            got = concat_chunks([x for x in items if isinstance(x, Batch)], pad_token_id=0)
+            assert torch.equal(got.response_ids, want.response_ids)
+            assert torch.equal(got.behaviour_logprobs, want.behaviour_logprobs)
+        finally:
+            fresh.shutdown()
+            fresh2.shutdown()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from trace_rl.config import Config, ConfigError, to_config, validate
+from trace_rl.config import Config, ConfigError, to_config
+from trace_rl.startup import validate
 from trace_rl.sync import check_config
 
 

@@ -1,11 +1,12 @@
 """``python -m trace_rl.algo``: list the registered methods (with the inputs each needs and its
-parameters), schedules, advantage estimators and policy losses."""
+parameters), schedules, advantage estimators, aggregation modes and policy losses."""
 from __future__ import annotations
 
 import inspect
 import textwrap
 
 from . import ADVANTAGE_ESTIMATORS, METHODS, POLICY_LOSSES, SCHEDULES
+from .aggregation import AGG_MODE_DOCS, AGG_MODES
 
 
 def _first_line(obj) -> str:
@@ -49,6 +50,10 @@ def describe() -> str:
         fn = ADVANTAGE_ESTIMATORS[name]
         lines.append(f"  {name}  [options: {_options(fn)}]")
         lines.append(f"      {_first_line(fn)}")
+    lines += ["", "Aggregation modes (algorithm.loss_agg_mode; a channel with norm 'agg' uses it):"]
+    for name in AGG_MODES:
+        lines.append(f"  {name}")
+        lines.append(f"      {AGG_MODE_DOCS[name]}")
     lines += ["", "Policy losses (algorithm.policy_loss):"]
     for name in sorted(POLICY_LOSSES):
         fn = POLICY_LOSSES[name]

@@ -22,9 +22,18 @@ import operator
 import torch
 from torch import Tensor
 
-__all__ = ["AGG_MODES", "BALANCED_COUNTS", "aggregate", "loss_counts", "advantage_sign"]
+__all__ = ["AGG_MODES", "AGG_MODE_DOCS", "BALANCED_COUNTS", "aggregate", "loss_counts", "advantage_sign"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "balanced")
+AGG_MODE_DOCS = {
+    "token-mean": "sum of token losses / tokens in the batch (DAPO; TRL's dapo loss)",
+    "seq-mean-token-mean": "mean over sequences of each sequence's token mean (the original GRPO)",
+    "seq-mean-token-sum": "mean over sequences of each sequence's token sum",
+    "seq-mean-token-sum-norm": "sum of token losses / (sequences x the response budget) (Dr. GRPO)",
+    "balanced": "token means over positive- and negative-advantage sequences, mixed by sequence counts "
+                "(Balanced Aggregation; docs/methods/balanced.md)",
+}
+"""One line per aggregation mode (``algorithm.loss_agg_mode``), listed by ``python -m trace_rl.algo``."""
 BALANCED_COUNTS = ("num_pos_tokens", "num_pos_seqs", "num_neg_tokens", "num_neg_seqs")
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .channels import TEACHER_KINDS, channel_kind
 
-__all__ = ["teacher_token_mask", "teacher_coef", "logprob_lift", "ExposureTracker"]
+__all__ = ["exposure_counts", "teacher_token_mask", "teacher_coef", "logprob_lift", "ExposureTracker"]
 
 
 def teacher_token_mask(channel_names: Sequence[str], channel_weights: Tensor, response_mask: Tensor) -> Tensor:
@@ -41,6 +41,18 @@ def teacher_token_mask(channel_names: Sequence[str], channel_weights: Tensor, re
     if not idx:
         return torch.zeros_like(response_mask, dtype=torch.bool)
     return (channel_weights[idx] != 0).any(dim=0) & response_mask.bool()
+
+
+def exposure_counts(channel_names: Sequence[str], channel_weights: Tensor, response_mask: Tensor, *,
+                    learned_rows: Tensor | None = None) -> tuple[int, int, int]:
+    """``(response tokens, tokens under a teacher channel, such tokens in learned rows)`` of one batch: what
+    :meth:`ExposureTracker.add` accumulates (computed where the batch is, e.g. the routing task)."""
+    mask = response_mask.bool()
+    under = teacher_token_mask(channel_names, channel_weights, mask)
+    rows = torch.ones(mask.shape[0], dtype=torch.bool) if learned_rows is None else learned_rows.bool().cpu()
+    if rows.shape != (mask.shape[0],):
+        raise ValueError(f"learned_rows must be [B] = [{mask.shape[0]}] bool, got {tuple(rows.shape)}")
+    return int(mask.sum()), int(under.sum()), int(under[rows.to(under.device)].sum())
 
 
 def teacher_coef(metrics: Mapping[str, float]) -> float:
@@ -82,20 +94,19 @@ class ExposureTracker:
         """Count one training step: the batch's channels (names, folded weights [C, B, R]) and mask
         [B, R]; ``lam`` is the step's teacher coefficient (:func:`teacher_coef`); ``learned_rows``
         [B] bool marks the rows the learner trained on (default: all). Returns this step's metrics."""
+        n_resp, n_teacher, n_grad = exposure_counts(channel_names, channel_weights, response_mask,
+                                                    learned_rows=learned_rows)
+        return self.add(n_resp, n_teacher, n_grad, lam)
+
+    def add(self, n_resp: int, n_teacher: int, n_grad: int, lam: float) -> dict[str, float]:
+        """Count one training step from its :func:`exposure_counts` and teacher coefficient ``lam``."""
         lam = float(lam)
         if not math.isfinite(lam):
             raise ValueError(f"lam must be finite, got {lam}")
-        mask = response_mask.bool()
-        under = teacher_token_mask(channel_names, channel_weights, mask)
-        rows = torch.ones(mask.shape[0], dtype=torch.bool) if learned_rows is None else learned_rows.bool().cpu()
-        if rows.shape != (mask.shape[0],):
-            raise ValueError(f"learned_rows must be [B] = [{mask.shape[0]}] bool, got {tuple(rows.shape)}")
-        n_resp, n_teacher = int(mask.sum()), int(under.sum())
-        n_grad = int(under[rows.to(under.device)].sum())
         self.steps += 1
-        self.response_tokens += n_resp
-        self.teacher_tokens += n_teacher
-        self.privileged_grad_tokens += n_grad
+        self.response_tokens += int(n_resp)
+        self.teacher_tokens += int(n_teacher)
+        self.privileged_grad_tokens += int(n_grad)
         self.lambda_sum += lam
         self.lambda_sq_sum += lam * lam
         self._last = {"exposure/teacher_token_frac": n_teacher / max(n_resp, 1),

@@ -16,7 +16,8 @@ from torch import Tensor
 from .kl import kl_estimate
 from .registry import decorator_into, lookup
 
-__all__ = ["POLICY_LOSSES", "register_policy_loss", "get_policy_loss", "ppo_clip_loss", "masked_mean"]
+__all__ = ["POLICY_LOSSES", "register_policy_loss", "get_policy_loss", "ppo_clip_loss", "masked_mean",
+           "truncated_is_weights"]
 
 PolicyLoss = Callable[..., "tuple[Tensor, dict[str, Tensor]]"]
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
@@ -119,3 +120,25 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
         if dual_clip is not None:
             metrics["clipfrac_dual"] = masked_mean(((a < 0) & (r > dual_clip)).to(r.dtype), m)
     return loss, metrics
+
+
+def truncated_is_weights(proximal_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float,
+                         log_ratio_clamp: float | None = 20.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance weights between the proximal policy (the learner's weights before the update)
+    and the behaviour policy that sampled the tokens (the engines', possibly some versions older):
+    ``w_t = min(pi_prox(y_t) / pi_behav(y_t), cap)``, detached, 0 off ``mask``. Decoupled PPO (Hilton et
+    al. 2022, arXiv 2110.00641, eq. 7) with the truncation of TIS (Yao et al. 2025; verl's
+    ``rollout_is_threshold``): the policy-gradient term of token t is multiplied by ``w_t``.
+
+    Returns ``(w [B, R], metrics)``: ``async/is_weight_mean`` and ``async/is_clipped_frac`` (tokens whose
+    raw ratio exceeded ``cap``), token means over ``mask``."""
+    if cap < 1:
+        raise ValueError(f"the importance-weight cap must be >= 1, got {cap}")
+    m = mask.bool()
+    log_ratio = (proximal_logprobs.detach() - behaviour_logprobs.detach()).float()
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    raw = torch.exp(log_ratio)
+    w = torch.where(m, raw.clamp(max=cap), torch.zeros_like(raw))
+    return w, {"async/is_weight_mean": masked_mean(w, m), "async/is_clipped_frac": masked_mean((raw > cap).float(), m),
+               "async/is_log_ratio_abs": masked_mean(log_ratio.abs(), m)}

@@ -48,10 +48,12 @@ def register_schedule(name: str, settles: Callable[["Schedule"], Optional[int]])
     return deco
 
 
-@dataclass(frozen=True)
+@dataclass
 class Schedule:
     """A coefficient schedule. All fields are accepted by every ``name``; each formula uses its own.
-    Values are non-negative (they scale losses)."""
+    Values are non-negative (they scale losses). It is also the type of every schedule field of the
+    ``algorithm`` config section (a plain, non-frozen dataclass, so that OmegaConf can merge overrides
+    into it; treat it as a value)."""
     name: str = "constant"
     """constant | hold_linear | cosine | step (see the module docstring)."""
     start: float = 1.0

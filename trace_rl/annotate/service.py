@@ -229,6 +229,13 @@ def check_config(cfg: Any, err: Callable[[str, str, str], None]) -> None:
     import urllib.parse
 
     an = cfg.annotator
+    kinds = ("oracle", "random", "none", "self", "model", "api")
+    if an.kind not in kinds:
+        err("annotator.kind", f"unknown value {an.kind!r}", f"use one of {', '.join(kinds)}")
+    if not (0 < an.span_cap <= 1):
+        err("annotator.span_cap", f"{an.span_cap} is outside (0, 1]", "use 0.25 (TRACE)")
+    if not (0 < an.random_coverage <= 1):
+        err("annotator.random_coverage", f"{an.random_coverage} is outside (0, 1]", "use 0.25")
     for name in ("max_segments", "max_ids", "concurrency", "max_tokens", "max_new_tokens", "batch_size"):
         if int(getattr(an, name)) < 1:
             err(f"annotator.{name}", f"{getattr(an, name)} < 1", "use 1 or more")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -47,6 +48,17 @@ def shard_rows(batch_size: int, num_mini_batches: int, world_size: int, rank: in
     n = batch_size // num_mini_batches
     s = n // world_size
     return torch.cat([torch.arange(m * n + rank * s, m * n + (rank + 1) * s) for m in range(num_mini_batches)])
+
+
+def check_token_ids(batch: Batch, vocab_size: int | None) -> None:
+    """ValueError if a prompt or response id of ``batch`` is outside ``[0, vocab_size)`` (None: no check)."""
+    if not vocab_size:
+        return
+    for name in ("prompt_ids", "response_ids"):
+        t = getattr(batch, name)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+            raise ValueError(f"Batch.{name} holds ids in [{int(t.min())}, {int(t.max())}], outside the "
+                             f"model's vocabulary [0, {vocab_size}); pad with a valid id (pad_token_id)")
 
 
 def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -102,6 +114,9 @@ class LearnerGroup:
         with open(os.path.join(self.model_path, "config.json")) as f:
             self.vocab_size = int(json.load(f).get("vocab_size") or 0) or None
         self.world_size = W
+        # Calls that run collectives must reach every rank in the same order; the driver submits from its
+        # main thread and from the producer thread (entropy), so every all-rank submission holds this lock.
+        self._submit_lock = threading.RLock()
         self.actors: list = []
         self.pg = None
         self.timings: dict[str, float] = {}
@@ -195,12 +210,7 @@ class LearnerGroup:
                 f"the batch has {len(batch)} sequences, not a positive multiple of algorithm.num_mini_batches x "
                 f"learner.num_ranks = {rows_multiple}; make the rollout batch (prompts_per_step x rollout.n) a "
                 f"multiple of it")
-        if self.vocab_size:
-            for name in ("prompt_ids", "response_ids"):
-                t = getattr(batch, name)
-                if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.vocab_size):
-                    raise ValueError(f"Batch.{name} holds ids in [{int(t.min())}, {int(t.max())}], outside the "
-                                     f"model's vocabulary [0, {self.vocab_size}); pad with a valid id (pad_token_id)")
+        check_token_ids(batch, self.vocab_size)
 
     @staticmethod
     def _resolve(batch) -> Batch:
@@ -223,7 +233,8 @@ class LearnerGroup:
         sampling temperature, ``step`` the driver's 0-based step (learning-rate schedule).
         ``max_len``: the response budget of the seq-mean-token-sum-norm mode (default: the
         batch's padded response length). Returns the metrics reduced over ranks (see
-        :func:`reduce_metrics`).
+        :func:`reduce_metrics`). The training driver does not use this: its routing task cuts the
+        shards where the batch is and calls :meth:`train_shards`.
         """
         import ray
 
@@ -232,14 +243,33 @@ class LearnerGroup:
         M = int(self.algo.num_mini_batches)
         self._check_batch(batch, M * self.world_size)
         counts = [global_counts(mini, max_len=max_len) for mini in batch.split(M)]
+        shards = [ray.put(batch.select(shard_rows(len(batch), M, self.world_size, rank)))
+                  for rank in range(self.world_size)]
+        return self.train_shards(shards, counts, temperature=temperature, step=step)
+
+    def train_shards(self, shards: list, counts: list, *, temperature: float, step: int) -> dict[str, float]:
+        """The update of :meth:`train` on shards already cut (``shards[r]``: an ObjectRef of rank r's Batch,
+        fetched by the rank itself; ``counts[m]``: the global counts of mini-batch m, see
+        :func:`~trace_rl.learner.loss.global_counts`)."""
+        self._check_alive()
+        if len(shards) != self.world_size:
+            raise ValueError(f"got {len(shards)} shards for {self.world_size} learner ranks")
         t0 = time.perf_counter()
-        refs = []
-        for rank, actor in enumerate(self.actors):
-            shard = ray.put(batch.select(shard_rows(len(batch), M, self.world_size, rank)))
-            refs.append(actor.train_step.remote(shard, temperature=temperature, step=step, counts=counts))
+        with self._submit_lock:
+            refs = [actor.train_step.remote(shard, temperature=temperature, step=step, counts=counts)
+                    for actor, shard in zip(self.actors, shards)]
         metrics = reduce_metrics(self._all(refs, "train_step"))
         self.timings["train_s"] = time.perf_counter() - t0
         return metrics
+
+    def entropy_refs(self, batch_ref, num_rows: int, temperature: float) -> list:
+        """Start computing the policy's per-token entropy ``[num_rows, R]`` of the batch behind
+        ``batch_ref`` (each rank fetches it and takes its rows); the ranks' ObjectRefs, in row order,
+        not waited for (concatenate them and cut to ``num_rows``)."""
+        self._check_alive()
+        with self._submit_lock:
+            return [a.compute_logprobs_part.remote(batch_ref, rank, self.world_size, temperature=temperature,
+                                                   entropy=True) for rank, a in enumerate(self.actors)]
 
     def logprobs(self, batch, temperature: float, *, entropy: bool = False) -> torch.Tensor:
         """Log-probs ``[B, R]`` of the responses under the current weights (0 on padding); with
@@ -254,8 +284,10 @@ class LearnerGroup:
         if n % W:  # ranks must run the same number of forwards (ZeRO-3): repeat the last row
             extra = W - n % W
             padded = batch.select(torch.cat([torch.arange(n), torch.full((extra,), n - 1)]))
-        refs = [a.compute_logprobs.remote(ray.put(part), temperature=temperature, entropy=entropy)
-                for a, part in zip(self.actors, padded.split(W))]
+        parts = [ray.put(part) for part in padded.split(W)]
+        with self._submit_lock:
+            refs = [a.compute_logprobs.remote(part, temperature=temperature, entropy=entropy)
+                    for a, part in zip(self.actors, parts)]
         return torch.cat(self._all(refs, "compute_logprobs"))[:n]
 
     def entropy(self, batch, temperature: float) -> torch.Tensor:
@@ -263,31 +295,39 @@ class LearnerGroup:
         return self.logprobs(batch, temperature, entropy=True)
 
     def state_dict_ref(self):
-        """ObjectRef to the full HF-named float32 weights (rank 0's gathered dict), for the weight sync."""
+        """ObjectRef to the full HF-named float32 weights (rank 0's gathered dict), for the weight sync. Rank 0
+        puts the dict into the object store itself: the weights never pass through this process."""
         self._check_alive()
         t0 = time.perf_counter()
-        refs = [a.gather_state_dict.remote() for a in self.actors]
-        self._all(refs, "gather_state_dict")
+        with self._submit_lock:
+            refs = [a.gather_state_dict_ref.remote() for a in self.actors]
+        out = self._all(refs, "gather_state_dict")
         self.timings["gather_s"] = time.perf_counter() - t0
-        return refs[0]
+        return out[0][0]
 
     def save(self, path: str, client_state: dict | None = None) -> None:
         """Checkpoint model and optimizer (plus ``client_state``) under ``path`` (shared between nodes)."""
         self._check_alive()
         path = os.path.abspath(path)
-        self._all([a.save_checkpoint.remote(path, client_state or {}) for a in self.actors], "save_checkpoint")
+        with self._submit_lock:
+            refs = [a.save_checkpoint.remote(path, client_state or {}) for a in self.actors]
+        self._all(refs, "save_checkpoint")
 
     def load(self, path: str) -> dict:
         """Restore a checkpoint written by :meth:`save`; returns its client_state."""
         self._check_alive()
         path = os.path.abspath(path)
-        return self._all([a.load_checkpoint.remote(path) for a in self.actors], "load_checkpoint")[0]
+        with self._submit_lock:
+            refs = [a.load_checkpoint.remote(path) for a in self.actors]
+        return self._all(refs, "load_checkpoint")[0]
 
     def export_hf(self, path: str) -> str:
         """Write a loadable HF checkpoint (weights, config, tokenizer files) to ``path``."""
         self._check_alive()
         path = os.path.abspath(path)
-        self._all([a.export_hf.remote(path) for a in self.actors], "export_hf")
+        with self._submit_lock:
+            refs = [a.export_hf.remote(path) for a in self.actors]
+        self._all(refs, "export_hf")
         return path
 
     def ping(self) -> list[dict]:
@@ -352,7 +392,8 @@ class LearnerGroup:
         """Start sending the current weights through group ``name``; the ranks' ObjectRefs (not waited
         for: the engines receive at the same time). Collective over the ranks (ZeRO-3 gathers)."""
         self._check_alive()
-        return [a.broadcast_weights.remote(name) for a in self.actors]
+        with self._submit_lock:
+            return [a.broadcast_weights.remote(name) for a in self.actors]
 
     def close_weight_group(self, name: str, timeout_s: float = 60.0) -> None:
         """Leave group ``name`` on every rank (best effort; a dead group is already closed)."""
@@ -371,12 +412,39 @@ class LearnerGroup:
 
         self._check_alive()
         plan = ray.put(list(buckets))
-        return self._all([a.share_weights_ipc.remote(plan) for a in self.actors], "share_weights_ipc")
+        with self._submit_lock:
+            refs = [a.share_weights_ipc.remote(plan) for a in self.actors]
+        return self._all(refs, "share_weights_ipc")
 
     def release_weights_ipc(self) -> None:
         """Drop the buffers exported by :meth:`share_weights_ipc`."""
         self._check_alive()
         self._all([a.release_weights_ipc.remote() for a in self.actors], "release_weights_ipc")
+
+
+def check_config(cfg: Any, err) -> None:
+    """The ``learner`` section, and whether the rollout batch shards evenly over ranks and mini-batches
+    (``trace_rl.config.validate``'s ``err(field, problem, fix)`` per problem)."""
+    lc, a, d, r = cfg.learner, cfg.algorithm, cfg.data, cfg.rollout
+    for name, allowed in (("backend", ("deepspeed", "torch")), ("zero_stage", (1, 2, 3)),
+                          ("dist_backend", ("auto", "gloo", "nccl"))):
+        if getattr(lc, name) not in allowed:
+            err(f"learner.{name}", f"unknown value {getattr(lc, name)!r}", f"use one of {', '.join(map(str, allowed))}")
+    if lc.num_ranks < 1:
+        err("learner.num_ranks", f"{lc.num_ranks} < 1", "use 1 or more")
+    if lc.micro_batch_size < 1:
+        err("learner.micro_batch_size", f"{lc.micro_batch_size} < 1", "use 1 or more")
+    batch = d.prompts_per_step * r.n
+    per_update = a.num_mini_batches * max(lc.num_ranks, 1)
+    if lc.num_ranks >= 1 and a.num_mini_batches >= 1 and per_update and batch % per_update:
+        err("data.prompts_per_step", f"the rollout batch ({d.prompts_per_step} prompts x {r.n} samples = "
+            f"{batch}) is not divisible by algorithm.num_mini_batches x learner.num_ranks = {per_update}",
+            f"make prompts_per_step * rollout.n a multiple of {per_update}")
+    elif lc.num_ranks >= 1 and lc.micro_batch_size >= 1 and a.num_mini_batches >= 1 and per_update:
+        per_rank = batch // per_update
+        if per_rank % lc.micro_batch_size and per_rank > lc.micro_batch_size:
+            err("learner.micro_batch_size", f"{lc.micro_batch_size} does not divide the {per_rank} sequences "
+                "each rank gets per mini-batch", f"use a divisor of {per_rank}")
 
 
 def _placed_rank_options(placement: Any, world_size: int) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from trace_rl.algo.aggregation import BALANCED_COUNTS, aggregate, loss_counts
 from trace_rl.algo.kl import kl_estimate
-from trace_rl.algo.policy_loss import get_policy_loss, masked_mean
+from trace_rl.algo.policy_loss import get_policy_loss, masked_mean, truncated_is_weights
 from trace_rl.algo.registry import decorator_into, lookup
 from trace_rl.algo.vocab_kl import sampled_kl, topk_divergence
 from trace_rl.batch import CHANNEL_NORMS, Batch
@@ -200,10 +200,19 @@ def reduce_channel(per_token: Tensor, x: ChannelInputs) -> Tensor:
 
 
 def _clipped_pg(x: ChannelInputs, advantages: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped policy-gradient term; with ``algo.behaviour_is == "on"`` (asynchronous training) each
+    token is also weighted by the truncated importance weight between the proximal policy
+    (``x.old_logprobs``) and the behaviour policy that sampled it (:func:`truncated_is_weights`)."""
     a = x.algo
+    mask = x.weight != 0
     per_token, metrics = get_policy_loss(getattr(a, "policy_loss", "ppo_clip"))(
-        x.logprobs, x.old_logprobs, advantages, x.weight != 0, eps_low=a.clip_eps_low, eps_high=a.clip_eps_high,
+        x.logprobs, x.old_logprobs, advantages, mask, eps_low=a.clip_eps_low, eps_high=a.clip_eps_high,
         dual_clip=a.dual_clip, log_ratio_clamp=a.log_ratio_clamp)
+    if getattr(a, "behaviour_is", "off") == "on":
+        w, is_metrics = truncated_is_weights(x.old_logprobs, x.batch.behaviour_logprobs.to(x.old_logprobs.device),
+                                             mask, float(a.behaviour_is_cap), log_ratio_clamp=a.log_ratio_clamp)
+        per_token = per_token * w
+        metrics = {**metrics, **is_metrics}
     return reduce_channel(per_token, x), metrics
 
 

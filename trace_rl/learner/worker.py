@@ -497,7 +497,15 @@ class LearnerWorker(ColocationLog):
                    lr=lr, nonfinite=float(nonfinite), updates=float(U - nonfinite))
         return out
 
-    @torch.no_grad()
+    def compute_logprobs_part(self, batch: Batch, part: int, parts: int, *, temperature: float,
+                              entropy: bool = False) -> torch.Tensor:
+        """:meth:`compute_logprobs` of part ``part`` of ``parts`` equal contiguous row ranges of ``batch``
+        (the last row repeated so that every rank runs the same number of forwards, as ZeRO-3 needs)."""
+        n = len(batch)
+        per = -(-n // parts)
+        idx = torch.arange(part * per, (part + 1) * per).clamp(max=n - 1)
+        return self.compute_logprobs(batch.select(idx), temperature=temperature, entropy=entropy)
+
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch, *, temperature: float, entropy: bool = False) -> torch.Tensor:
         """Log-probs ``[B, R]`` (float32, CPU, 0 on padding) of the responses under the current policy;
@@ -536,6 +544,14 @@ class LearnerWorker(ColocationLog):
                 out[name] = b.detach().to("cpu", copy=True)
         self.timings["gather_s"] = time.perf_counter() - t0
         return out
+
+    def gather_state_dict_ref(self) -> list:
+        """:meth:`gather_state_dict`, put into the object store by this rank: ``[ObjectRef]`` on rank 0,
+        ``[None]`` elsewhere. The caller receives only the reference (a few bytes), never the weights."""
+        import ray
+
+        out = self.gather_state_dict()
+        return [ray.put(out) if out is not None else None]
 
     # ------------------------------------------------------------------------------ weight sync (trace_rl/sync)
     def _sync_tensors(self) -> dict[str, torch.Tensor]:

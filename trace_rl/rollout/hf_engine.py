@@ -13,14 +13,16 @@ from typing import Any
 import torch
 
 from trace_rl.placement import ColocationLog
-from trace_rl.rollout.base import Sample, left_pad, sampled_logprobs_from_logits
+from trace_rl.rollout.base import (Sample, chunk_stats, left_pad, sampled_logprobs_from_logits, samples_to_batch,
+                                   stream_min_groups)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine(ColocationLog):
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0,
-                 trust_remote_code: bool = False, engine_index: int = 0, batch_size: int = 64, **_: Any):
+                 trust_remote_code: bool = False, engine_index: int = 0, batch_size: int = 64,
+                 pad_token_id: int | None = None, **_: Any):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         t0 = time.perf_counter()
@@ -30,6 +32,7 @@ class HFEngine(ColocationLog):
             model_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.batch_pad_id = self.pad_id if pad_token_id is None else int(pad_token_id)  # the Batch's padding
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
         self.generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * engine_index)
@@ -46,6 +49,39 @@ class HFEngine(ColocationLog):
         for s in range(0, len(flat), self.batch_size):
             samples.extend(self._generate_chunk(flat[s:s + self.batch_size], spec))
         return samples
+
+    def generate_stream(self, prompts: list[list[int]], spec: dict[str, Any], meta: dict[str, list[Any]] | None = None,
+                        group_offset: int = 0, chunks: int = 4):
+        """Generate ``spec["n"]`` samples per prompt and yield them as they finish, alternately a
+        :class:`~trace_rl.batch.Batch` of whole groups (group id = ``group_offset`` + prompt index, policy
+        version = this engine's) and its :func:`~trace_rl.rollout.base.chunk_stats`. Called through Ray as a
+        streaming generator: the caller gets object refs while the engine keeps generating. The samples are
+        exactly :meth:`generate`'s (same sub-batches, same seeds)."""
+        n = int(spec.get("n", 1))
+        flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        min_groups = stream_min_groups(len(prompts), chunks)
+        pending: list[Sample] = []
+        counts: dict[int, int] = {}
+        t_chunk, busy = time.time(), 0.0
+        for s in range(0, len(flat), self.batch_size):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                new = self._generate_chunk(flat[s:s + self.batch_size], spec)
+            busy += time.perf_counter() - t0
+            pending.extend(new)
+            for smp in new:
+                counts[smp.prompt_index] = counts.get(smp.prompt_index, 0) + 1
+            whole = {i for i, c in counts.items() if c == n}
+            last = s + self.batch_size >= len(flat)
+            if whole and (len(whole) >= min_groups or last):
+                out = [smp for smp in pending if smp.prompt_index in whole]
+                pending = [smp for smp in pending if smp.prompt_index not in whole]
+                for i in whole:
+                    del counts[i]
+                yield samples_to_batch(prompts, out, pad_token_id=self.batch_pad_id, version=self._version, meta=meta,
+                                       group_offset=group_offset)
+                yield chunk_stats(out, t_chunk, time.time(), busy, self._version)
+                t_chunk, busy = time.time(), 0.0
 
     def _generate_chunk(self, items: list[tuple[int, list[int]]], spec: dict[str, Any]) -> list[Sample]:
         ids, mask = left_pad([p for _, p in items], self.pad_id)

@@ -12,10 +12,9 @@ import os
 import time
 from typing import Any
 
-import torch
 
 from trace_rl.batch import Batch
-from trace_rl.rollout.base import Sample, SamplingSpec
+from trace_rl.rollout.base import Sample, SamplingSpec, samples_to_batch  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +33,40 @@ def engine_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+class EngineClient:
+    """Generation over a list of engine actor handles: picklable, so a stage actor (``annotator=self``)
+    can generate through the rollout engines without the pool object."""
+
+    def __init__(self, actors: list):
+        self.actors = list(actors)
+
+    def generate_samples(self, prompts: list[list[int]], spec: SamplingSpec | dict[str, Any]) -> list[Sample]:
+        """All samples, ordered by prompt index, then by sample index."""
+        import ray
+
+        spec_d = spec.to_dict() if isinstance(spec, SamplingSpec) else dict(spec)
+        refs = [(s, actor.generate.remote(prompts[s:e], spec_d))
+                for actor, (s, e) in zip(self.actors, _chunks(len(prompts), len(self.actors))) if e > s]
+        samples: list[Sample] = []
+        for offset, ref in refs:
+            for smp in ray.get(ref):
+                smp.prompt_index += offset
+                samples.append(smp)
+        samples.sort(key=lambda smp: smp.prompt_index)  # stable: keeps sample order within a prompt
+        return samples
+
+
 class RolloutPool:
     def __init__(self, model_path: str, *, engine: str = "vllm", num_engines: int = 1, dtype: str = "float32",
                  seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  enforce_eager: bool = True, tensor_parallel_size: int = 1, cpus_per_engine: int = 1,
                  gpus_per_engine: float = 0.0, trust_remote_code: bool = False, pad_token_id: int = 0,
                  startup_timeout_s: float = 600.0, engine_kwargs: dict[str, Any] | None = None,
-                 placement: Any = None, role: str = "rollout"):
+                 placement: Any = None, role: str = "rollout", engine_options: dict[str, Any] | None = None):
         """``placement``: a :class:`trace_rl.placement.Placement` whose ``role`` slots pin engine i to its
-        bundle (None: plain ``num_cpus`` / ``num_gpus`` requests, anywhere on the cluster)."""
+        bundle (None: plain ``num_cpus`` / ``num_gpus`` requests, anywhere on the cluster).
+        ``engine_options``: extra arguments of the engine (``rollout.engine_options``: for vLLM, any
+        ``vllm.LLM`` argument)."""
         import ray
 
         from trace_rl.cluster import actor_env
@@ -58,7 +82,8 @@ class RolloutPool:
         cls = ray.remote(engine_class(engine))
         kwargs = dict(dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                      max_model_len=max_model_len, trust_remote_code=trust_remote_code, **(engine_kwargs or {}))
+                      max_model_len=max_model_len, trust_remote_code=trust_remote_code, pad_token_id=pad_token_id,
+                      **(engine_kwargs or {}), **dict(engine_options or {}))
         if placement is not None:
             kwargs.update(_placement_engine_kwargs(placement, role, engine, tensor_parallel_size))
         t0 = time.perf_counter()
@@ -82,21 +107,7 @@ class RolloutPool:
     # ------------------------------------------------------------------ generation
     def generate_samples(self, prompts: list[list[int]], spec: SamplingSpec | dict[str, Any]) -> list[Sample]:
         """All samples, ordered by prompt index, then by sample index."""
-        import ray
-
-        spec_d = spec.to_dict() if isinstance(spec, SamplingSpec) else dict(spec)
-        chunks = _chunks(len(prompts), len(self.actors))
-        refs = []
-        for actor, (s, e) in zip(self.actors, chunks):
-            if e > s:
-                refs.append((s, actor.generate.remote(prompts[s:e], spec_d)))
-        samples: list[Sample] = []
-        for offset, ref in refs:
-            for smp in ray.get(ref):
-                smp.prompt_index += offset
-                samples.append(smp)
-        samples.sort(key=lambda smp: smp.prompt_index)  # stable: keeps sample order within a prompt
-        return samples
+        return EngineClient(self.actors).generate_samples(prompts, spec)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec | dict[str, Any], *, version: int = 0,
                  meta: dict[str, list[Any]] | None = None) -> Batch:
@@ -104,6 +115,22 @@ class RolloutPool:
         ``meta`` holds per-prompt lists; each is repeated for the prompt's samples."""
         samples = self.generate_samples(prompts, spec)
         return samples_to_batch(prompts, samples, pad_token_id=self.pad_token_id, version=version, meta=meta)
+
+    def generate_stream(self, prompts: list[list[int]], spec: SamplingSpec | dict[str, Any], *,
+                        meta: dict[str, list[Any]] | None = None, chunks: int = 4) -> list:
+        """Start generating ``spec.n`` samples per prompt on every engine (contiguous prompt chunks, one per
+        engine) and return one Ray streaming generator per engine. Each yields object refs, alternately a
+        Batch of whole groups (group id = prompt index in ``prompts``) and that chunk's stats dict, as
+        the groups finish (``chunks``: about how many chunks each engine cuts its share into). Nothing is
+        fetched here: the refs go straight on to the next stage."""
+        spec_d = spec.to_dict() if isinstance(spec, SamplingSpec) else dict(spec)
+        streams = []
+        for actor, (s, e) in zip(self.actors, _chunks(len(prompts), len(self.actors))):
+            if e > s:
+                part = {k: list(v[s:e]) for k, v in (meta or {}).items()}
+                streams.append(actor.generate_stream.options(num_returns="streaming").remote(
+                    prompts[s:e], spec_d, part, s, chunks))
+        return streams
 
     def score(self, sequences: list[list[int]], start: list[int], temperature: float = 1.0) -> list[list[float]]:
         import ray
@@ -177,6 +204,34 @@ class RolloutPool:
             log.warning("closing the engines' weight-sync group: %s", err)
 
 
+def check_config(cfg: Any, err) -> None:
+    """The ``rollout`` section (``trace_rl.config.validate``'s ``err(field, problem, fix)`` per problem)."""
+    r, a = cfg.rollout, cfg.algorithm
+    if r.engine not in ENGINES:
+        err("rollout.engine", f"unknown value {r.engine!r}", f"use one of {', '.join(ENGINES)}")
+    if r.n < 1:
+        err("rollout.n", f"{r.n} < 1", "use 2 or more (GRPO needs a group)")
+    elif r.n == 1 and getattr(a, "adv_estimator", None) in ("grpo", "dr_grpo"):
+        err("rollout.n", "1 sample per prompt gives every GRPO advantage 0", "use rollout.n >= 2")
+    if r.num_engines < 1:
+        err("rollout.num_engines", f"{r.num_engines} < 1", "use 1 or more")
+    if not (r.temperature > 0):
+        err("rollout.temperature", f"{r.temperature} must be > 0", "use 1.0 for training rollouts")
+    if not (0 < r.top_p <= 1):
+        err("rollout.top_p", f"{r.top_p} is outside (0, 1]", "use 1.0 for training rollouts")
+    if r.max_new_tokens < 1:
+        err("rollout.max_new_tokens", f"{r.max_new_tokens} < 1", "use e.g. 128")
+    if r.gpus_per_engine == 0 and r.tensor_parallel_size > 1:
+        err("rollout.tensor_parallel_size", "tensor parallelism needs GPUs",
+            "set rollout.gpus_per_engine >= 1 or tensor_parallel_size=1")
+    if not (0 < r.gpu_memory_utilization <= 1):
+        err("rollout.gpu_memory_utilization", f"{r.gpu_memory_utilization} is outside (0, 1]",
+            "use 0.3 on CPU, 0.5-0.9 on GPUs")
+    if r.stream_chunks < 1:
+        err("rollout.stream_chunks", f"{r.stream_chunks} < 1",
+            "use 1 (hand the batch on when it is complete) or more (stream finished groups in chunks)")
+
+
 def _engine_actor_options(placement: Any, role: str, index: int, num_engines: int, cpus: float, gpus: float,
                           env: dict[str, str]) -> dict[str, Any]:
     """``.options()`` of engine ``index``: today's plain request without a placement, else its slot's
@@ -221,32 +276,3 @@ def _chunks(n: int, k: int) -> list[tuple[int, int]]:
         out.append((s, e))
         s = e
     return out
-
-
-def samples_to_batch(prompts: list[list[int]], samples: list[Sample], *, pad_token_id: int, version: int,
-                     meta: dict[str, list[Any]] | None = None) -> Batch:
-    """Left-pad prompts, right-pad responses (the schema of trace_rl/batch.py)."""
-    B = len(samples)
-    P = max(len(prompts[s.prompt_index]) for s in samples)
-    R = max(max(len(s.response_ids) for s in samples), 1)
-    prompt_ids = torch.full((B, P), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((B, P), dtype=torch.bool)
-    response_ids = torch.full((B, R), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((B, R), dtype=torch.bool)
-    logprobs = torch.zeros((B, R), dtype=torch.float32)
-    for row, s in enumerate(samples):
-        p = prompts[s.prompt_index]
-        prompt_ids[row, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[row, P - len(p):] = True
-        L = len(s.response_ids)
-        if L:
-            response_ids[row, :L] = torch.tensor(s.response_ids, dtype=torch.long)
-            response_mask[row, :L] = True
-            logprobs[row, :L] = torch.tensor(s.logprobs, dtype=torch.float32)
-    out_meta = {k: [v[s.prompt_index] for s in samples] for k, v in (meta or {}).items()}
-    out_meta["finish_reason"] = [s.finish_reason for s in samples]
-    return Batch(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
-        behaviour_logprobs=logprobs, group_ids=torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
-        policy_version=torch.full((B,), version, dtype=torch.long), meta=out_meta,
-    )

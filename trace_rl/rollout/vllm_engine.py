@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from trace_rl.placement import ColocationLog
-from trace_rl.rollout.base import Sample
+from trace_rl.rollout.base import Sample, chunk_stats, samples_to_batch, stream_min_groups
 
 
 class WeightSyncExtension:
@@ -110,7 +110,10 @@ class VLLMEngine(ColocationLog):
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None,
                  trust_remote_code: bool = False, engine_index: int = 0, max_logprobs: int = 20,
-                 enable_sleep_mode: bool = False, distributed_executor_backend: str | None = None):
+                 enable_sleep_mode: bool = False, distributed_executor_backend: str | None = None,
+                 pad_token_id: int = 0, detokenize: bool = False, **engine_options: Any):
+        """``engine_options``: further ``vllm.LLM`` arguments (``rollout.engine_options``, e.g.
+        ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_prefix_caching``)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         from vllm import LLM
@@ -123,23 +126,25 @@ class VLLMEngine(ColocationLog):
             worker_extension_cls=f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}",
             # behaviour logprobs must describe the distribution actually sampled (after temperature)
             logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
+            enable_prefix_caching=engine_options.pop("enable_prefix_caching", True),
             # the teacher asks for prompt_logprobs=top_k; vLLM refuses more than max_logprobs
             max_logprobs=max(int(max_logprobs), 20),
         )
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        kwargs.update(engine_options)
         if enable_sleep_mode and torch.cuda.is_available():  # colocated: vLLM refuses sleep mode on CPU
             kwargs["enable_sleep_mode"] = True
         if distributed_executor_backend:  # a placement's tensor-parallel bundle (trace_rl.placement)
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.pad_token_id, self.detokenize = int(pad_token_id), bool(detokenize)
         self._version = 0
         self.startup_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], spec: dict[str, Any]) -> list[Sample]:
+    def _sampling_params(self, spec: dict[str, Any]):
         from vllm import SamplingParams
 
         seed = spec.get("seed")
@@ -147,21 +152,66 @@ class VLLMEngine(ColocationLog):
             # vLLM's CPU sampler cannot use per-request generators with top-p/top-k ("CPU Generator
             # does not use offset"); the engine-level seed still makes a run reproducible.
             seed = None
-        params = SamplingParams(
+        return SamplingParams(
             n=spec.get("n", 1), temperature=spec.get("temperature", 1.0), top_p=spec.get("top_p", 1.0),
             top_k=spec.get("top_k", -1) if spec.get("top_k", -1) > 0 else 0,
             max_tokens=spec.get("max_new_tokens", 128), logprobs=0, seed=seed,
+            # token ids are all the trainer reads: no incremental detokenisation per step
+            detokenize=self.detokenize,
         )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        samples: list[Sample] = []
-        for i, out in enumerate(outputs):
-            for comp in out.outputs:
-                ids = list(comp.token_ids)
-                lps = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs or [])]
-                if len(lps) != len(ids):
-                    raise RuntimeError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
-                samples.append(Sample(i, ids, lps, "length" if comp.finish_reason == "length" else "stop"))
+
+    @staticmethod
+    def _samples(index: int, out: Any) -> list[Sample]:
+        samples = []
+        for comp in out.outputs:
+            ids = list(comp.token_ids)
+            lps = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs or [])]
+            if len(lps) != len(ids):
+                raise RuntimeError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
+            samples.append(Sample(index, ids, lps, "length" if comp.finish_reason == "length" else "stop"))
         return samples
+
+    def generate(self, prompts: list[list[int]], spec: dict[str, Any]) -> list[Sample]:
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self._sampling_params(spec),
+                                    use_tqdm=False)
+        return [smp for i, out in enumerate(outputs) for smp in self._samples(i, out)]
+
+    def generate_stream(self, prompts: list[list[int]], spec: dict[str, Any], meta: dict[str, list[Any]] | None = None,
+                        group_offset: int = 0, chunks: int = 4):
+        """Generate ``spec["n"]`` samples per prompt and yield the groups as they finish, alternately a
+        :class:`~trace_rl.batch.Batch` of whole groups (group id = ``group_offset`` + prompt index, policy
+        version = this engine's) and its :func:`~trace_rl.rollout.base.chunk_stats`; a chunk is handed on
+        once at least ``ceil(len(prompts) / chunks)`` groups are finished. Called through Ray as a streaming
+        generator: reward, annotation and teacher scoring start on the first chunks while the engine goes
+        on with the rest. A weight update arriving meanwhile waits for the whole call (the actor runs one
+        call at a time), so every sample of a call comes from one policy version."""
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("generate_stream called while the engine still has unfinished requests")
+        params = self._sampling_params(spec)
+        min_groups = stream_min_groups(len(prompts), chunks)
+        t_chunk, busy = time.time(), 0.0
+        t0 = time.perf_counter()
+        ids = self.llm.enqueue([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        # enqueue returns vLLM's internal ids ("<request id>-<random suffix>"); outputs carry the request id
+        index = {}
+        for i, rid in enumerate(ids):
+            index[str(rid)] = index[str(rid).rsplit("-", 1)[0]] = i
+        finished: list[Sample] = []
+        groups = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished.extend(self._samples(index[str(out.request_id)], out))
+                    groups += 1
+            if groups and (groups >= min_groups or not engine.has_unfinished_requests()):
+                busy += time.perf_counter() - t0
+                finished.sort(key=lambda smp: smp.prompt_index)  # stable: keeps sample order within a group
+                yield samples_to_batch(prompts, finished, pad_token_id=self.pad_token_id, version=self._version,
+                                       meta=meta, group_offset=group_offset)
+                yield chunk_stats(finished, t_chunk, time.time(), busy, self._version)
+                finished, groups, busy, t_chunk = [], 0, 0.0, time.time()
+                t0 = time.perf_counter()
 
     def score(self, sequences: list[list[int]], start: list[int], temperature: float = 1.0) -> list[list[float]]:
         """log p(seq[t] | seq[:t]) for t >= start[i] (the prompt-logprob path of vLLM)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 __all__ = ["WeightSync", "WeightSyncError", "wait_sides", "rate"]
 
@@ -30,6 +30,15 @@ class WeightSync(ABC):
     @abstractmethod
     def sync(self, version: int) -> dict[str, float]:
         ...
+
+    def submit(self, version: int) -> Callable[[], dict[str, float]]:
+        """Start a sync and return a function that waits for it and returns :meth:`sync`'s stats. Once this
+        returns, the engines' loads are queued behind whatever they were already asked to do (a rollout in
+        flight finishes with the weights it started with) and before anything asked of them later, so
+        the driver may ask for the next rollout at once (asynchronous training). The default syncs
+        right away; paths that can queue the loads override it."""
+        stats = self.sync(version)
+        return lambda: stats
 
     def close(self) -> None:
         pass

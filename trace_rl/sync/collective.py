@@ -75,11 +75,19 @@ class CollectiveSync(WeightSync):
                  self.backend, self.world_size, self.address, len(self.buckets), self.nbytes / 2**20, self.setup_s)
 
     def sync(self, version: int) -> dict[str, float]:
+        return self.submit(version)()
+
+    def submit(self, version: int):
+        """Queue the broadcast on the learner ranks and the receive on every engine (behind a rollout in
+        flight); the returned function waits for both sides."""
         if not self._open:
             raise WeightSyncError("this CollectiveSync was closed; make a new one")
         t0 = time.perf_counter()
-        out = wait_sides({"learner": self.learners.broadcast_weights(self.name),
-                          "engine": self.pool.receive_weights(version)}, self.timeout_s, "the weight broadcast")
+        sides = {"learner": self.learners.broadcast_weights(self.name), "engine": self.pool.receive_weights(version)}
+        return lambda: self._finish(sides, t0)
+
+    def _finish(self, sides: dict, t0: float) -> dict[str, float]:
+        out = wait_sides(sides, self.timeout_s, "the weight broadcast")
         seconds = time.perf_counter() - t0
         sent = out["learner"][0]
         self.syncs += 1

@@ -25,13 +25,25 @@ class ObjectStoreSync(WeightSync):
                                 for s in learners.weight_specs()))
 
     def sync(self, version: int) -> dict[str, float]:
+        return self.submit(version)()
+
+    def submit(self, version: int):
+        """Gather (rank 0's full weights into the object store), queue one load per engine, and return the
+        function that waits for the loads."""
+        import ray
+
         t0 = time.perf_counter()
         ref = self.learners.state_dict_ref()
         t1 = time.perf_counter()
-        stats = self.pool.update_weights(ref, version)
-        del ref  # the object store frees the copy once no one holds the reference
-        seconds = time.perf_counter() - t0
-        self.syncs += 1
-        return {"seconds": seconds, "gather_s": t1 - t0, "load_s": float(stats["seconds"]),
-                "engine_s": float(stats.get("engine_seconds", stats["seconds"])), "bytes": self.nbytes,
-                "mb_per_s": rate(self.nbytes, seconds)}
+        loads = [a.update_weights.remote(ref, version) for a in self.pool.actors]
+        del ref  # the engines' pending calls hold it; the object store frees it after the last load
+
+        def finish() -> dict[str, float]:
+            t2 = time.perf_counter()
+            stats = ray.get(loads)
+            seconds = (t1 - t0) + (time.perf_counter() - t2)  # the driver's share: gather + waiting for the loads
+            self.syncs += 1
+            engine_s = max(float(s["seconds"]) for s in stats)
+            return {"seconds": seconds, "gather_s": t1 - t0, "load_s": engine_s, "engine_s": engine_s,
+                    "bytes": self.nbytes, "mb_per_s": rate(self.nbytes, (t1 - t0) + engine_s)}
+        return finish

@@ -28,6 +28,35 @@ log = logging.getLogger(__name__)
 TEACHER_KINDS = ("self", "frozen")
 
 
+def check_config(cfg: Any, err) -> None:
+    """The ``teacher`` section (``trace_rl.config.validate``'s ``err(field, problem, fix)`` per problem)."""
+    import os
+
+    from trace_rl.teacher.prompts import PRIVILEGED_FIELDS
+
+    tc = cfg.teacher
+    if tc.kind not in TEACHER_KINDS:
+        err("teacher.kind", f"unknown value {tc.kind!r}", f"use one of {', '.join(TEACHER_KINDS)}")
+    if tc.engine not in ("hf", "vllm"):
+        err("teacher.engine", f"unknown value {tc.engine!r}", "use one of hf, vllm")
+    if tc.top_k < 1:
+        err("teacher.top_k", f"{tc.top_k} < 1", "use e.g. 32 (TRACE-style vocabulary KL on the teacher's top-k)")
+    if not 0 <= tc.ema_decay < 1:
+        err("teacher.ema_decay", f"{tc.ema_decay} is outside [0, 1)", "use 0 (plain re-sync) or e.g. 0.9")
+    elif tc.ema_decay and tc.kind != "self":
+        err("teacher.ema_decay", "an EMA teacher must be teacher.kind=self", "set teacher.kind=self or ema_decay=0")
+    if tc.resync_every < 0:
+        err("teacher.resync_every", f"{tc.resync_every} < 0", "use 10 (TRACE) or 0 to never re-sync")
+    if tc.num_actors < 1:
+        err("teacher.num_actors", f"{tc.num_actors} < 1", "use 1 or more")
+    bad = [f for f in tc.privileged if f not in PRIVILEGED_FIELDS]
+    if bad:
+        err("teacher.privileged", f"unknown fields {bad}", f"use a subset of {list(PRIVILEGED_FIELDS)}")
+    if tc.model_path is not None and not os.path.exists(os.path.join(tc.model_path, "config.json")):
+        err("teacher.model_path", f"{tc.model_path!r} is not a Hugging Face checkpoint directory",
+            "give a local checkpoint, or null for the initial policy")
+
+
 class TeacherService:
     def __init__(self, model_path: str, *, kind: str = "self", engine: str = "hf", num_actors: int = 1,
                  top_k: int = 32, resync_every: int = 10, dtype: str = "float32", max_model_len: int | None = None,

@@ -9,20 +9,34 @@ gathers exactly the inputs the method ``needs`` (teacher top-k, annotations, ...
 method runs.
 
 ``params`` is a plain dict of the algorithm config's fields; it always holds ``"step"`` (the current
-training step, 0-based) when a method has a schedule. Every method lists its own parameters with
-their defaults in ``MethodSpec.defaults`` (merged under ``params`` by :func:`compute_method`), so
-config fields can be generated from them; ``MethodSpec.overrides`` lists shared algorithm fields
-whose global default does not suit the method (e.g. ``filter_zero_variance`` for distillation).
+training step, 0-based) when a method has a schedule. Every method declares its own parameters ONCE,
+in its own file, as a dataclass whose fields carry the type, the default and (in the string under
+each field) the documentation. ``trace_rl.config`` builds the ``algorithm`` config section from these
+declarations (:func:`method_param_fields`), so ``algorithm.<param>=...`` works on the command line,
+``trace-rl --help`` documents it and OmegaConf checks its type; the method checks the values when it
+runs (the config's dry run calls it once before anything starts). ``MethodSpec.defaults`` holds the
+same defaults as a plain dict (merged under ``params`` by :func:`compute_method`);
+``MethodSpec.overrides`` lists shared algorithm fields whose global default does not suit the method
+(e.g. ``filter_zero_variance`` for distillation).
 
-A new method is one file::
+A new method is one file in this package (imported automatically) plus ``conf/algorithm/<name>.yaml``::
 
-    @register_method("my_method", needs=("teacher_topk",), defaults={"my_coef": 1.0})
+    @dataclass
+    class MyParams:
+        my_coef: float = 1.0
+        "What it scales (the string under a field is its documentation)."
+
+    @register_method("my_method", needs=("teacher_topk",), params=MyParams)
     def my_method(inputs: MethodInputs, params: dict) -> MethodOutput: ...
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
 import inspect
 import math
+import textwrap
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -38,7 +52,7 @@ from ..schedules import Schedule
 __all__ = [
     "KNOWN_NEEDS", "TEACHER_NEEDS", "MethodSpec", "MethodInputs", "MethodOutput", "METHODS", "register_method",
     "get_method", "compute_method", "registry_names", "param_choice", "param_bool", "param_float",
-    "param_schedule", "param_step",
+    "param_schedule", "param_step", "ParamField", "method_param_fields", "params_from_dataclass", "attribute_docs",
 ]
 
 # Inputs a method may ask for beyond rewards / group ids / response mask / behaviour log-probs, and
@@ -79,6 +93,8 @@ class MethodSpec:
     teacher_rows: str = "all"
     """Which rollouts the teacher must score: "all", or "annotated" (only those with a key or error
     token: the method reads teacher inputs on span tokens only, so the driver skips the rest)."""
+    params_cls: type | None = None
+    """The dataclass declaring the parameters (types, defaults, documentation), when given."""
 
     def needs_at(self, step: int, params: Mapping[str, Any] | None = None) -> frozenset[str]:
         """What the driver must gather at ``step``: ``needs``, less ``gated_needs`` once the teacher is off."""
@@ -201,15 +217,16 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, *, needs: Iterable[str] = (), description: str = "",
-                    defaults: Mapping[str, Any] | None = None,
+                    params: type | None = None, defaults: Mapping[str, Any] | None = None,
                     teacher_active: Callable[[int, Mapping[str, Any]], bool] | None = None,
                     overrides: Mapping[str, Any] | None = None, gated_needs: Iterable[str] | None = None,
                     teacher_rows: str = "all"):
     """Decorator: register ``fn(inputs: MethodInputs, params: dict) -> MethodOutput`` as ``name``.
 
     ``needs`` names the extra inputs the driver must provide (keys of :data:`KNOWN_NEEDS`);
-    ``description`` defaults to the first line of the function's docstring; ``defaults`` lists every
-    parameter the method reads. ``teacher_active(step, params)`` (params already merged with the
+    ``description`` defaults to the first line of the function's docstring; ``params`` is the dataclass
+    declaring every parameter the method reads (type, default, documentation: see the module docstring);
+    ``defaults`` (a plain dict) is the undocumented shorthand for the same. ``teacher_active(step, params)`` (params already merged with the
     defaults) defaults to "always" for a method that needs a teacher input, "never" otherwise;
     ``gated_needs`` (default: the teacher needs) are not required while it is False, and the method
     must not read them then.
@@ -225,7 +242,9 @@ def register_method(name: str, *, needs: Iterable[str] = (), description: str = 
     if teacher_rows not in ("all", "annotated") or (teacher_rows == "annotated" and "annotations" not in needs):
         raise ValueError(f"method {name!r}: teacher_rows must be 'all' or 'annotated' (the latter needs "
                          f"'annotations'), got {teacher_rows!r}")
-    defaults = dict(defaults or {})
+    if params is not None and defaults is not None:
+        raise ValueError(f"method {name!r}: give params= (a dataclass) or defaults= (a dict), not both")
+    defaults = params_from_dataclass(params) if params is not None else dict(defaults or {})
     if "step" in defaults:
         raise ValueError(f"method {name!r}: 'step' is filled by the driver, not a parameter with a default")
     uses_teacher = bool(needs & TEACHER_NEEDS)
@@ -239,7 +258,7 @@ def register_method(name: str, *, needs: Iterable[str] = (), description: str = 
         register_into(METHODS, "method", name, MethodSpec(
             name=name, fn=fn, needs=needs, description=desc, defaults=defaults,
             teacher_active=teacher_active_merged, overrides=dict(overrides or {}), gated_needs=gated,
-            teacher_rows=teacher_rows))
+            teacher_rows=teacher_rows, params_cls=params))
         return fn
 
     return deco
@@ -318,3 +337,78 @@ def param_float(params: Mapping[str, Any], key: str, lo: float | None = None, hi
 def param_schedule(params: Mapping[str, Any], key: str) -> Schedule:
     """``params[key]`` as a :class:`~trace_rl.algo.schedules.Schedule` (a number means constant)."""
     return Schedule.from_spec(params.get(key), what=key)
+
+
+# ------------------------------------------------------------------------------ declared parameters
+def params_from_dataclass(cls: type) -> dict[str, Any]:
+    """The defaults of a parameter dataclass as a plain dict (a nested dataclass, e.g. a Schedule, as a dict)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"params must be a dataclass, got {cls!r}")
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+@dataclass(frozen=True)
+class ParamField:
+    """One ``algorithm.<name>`` field contributed by the methods' parameter declarations."""
+    name: str
+    type: Any
+    default_factory: Callable[[], Any]
+    doc: str
+    methods: tuple[str, ...]
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (and of its dataclass bases): the documentation of
+    config fields and method parameters alike."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def method_param_fields() -> list[ParamField]:
+    """Every parameter declared by a registered method, once, in registration order. Two methods may
+    share a parameter (TRACE and SCOPE both read ``correct_threshold``) only with the same type and
+    default; anything else is a registration bug and raises ValueError naming both."""
+    out: dict[str, ParamField] = {}
+    for spec in METHODS.values():
+        if spec.params_cls is not None:
+            hints = typing.get_type_hints(spec.params_cls)
+            docs = attribute_docs(spec.params_cls)
+            items = []
+            for f in dataclasses.fields(spec.params_cls):
+                factory = (f.default_factory if f.default is dataclasses.MISSING
+                           else (lambda v=f.default: v))  # type: ignore[misc]
+                items.append((f.name, hints[f.name], factory, docs.get(f.name, "")))
+        else:
+            items = [(k, type(v) if not isinstance(v, Mapping) else dict, (lambda v=v: v), "")
+                     for k, v in spec.defaults.items()]
+        for pname, ptype, factory, doc in items:
+            prev = out.get(pname)
+            if prev is None:
+                out[pname] = ParamField(pname, ptype, factory, doc, (spec.name,))
+                continue
+            if prev.type != ptype or _plain(prev.default_factory()) != _plain(factory()):
+                raise ValueError(
+                    f"methods {prev.methods} and {spec.name!r} both declare parameter {pname!r}, with different "
+                    f"types or defaults ({prev.type} = {_plain(prev.default_factory())!r} vs {ptype} = "
+                    f"{_plain(factory())!r}); share one declaration (a common base dataclass) or rename one")
+            out[pname] = dataclasses.replace(prev, doc=prev.doc or doc, methods=prev.methods + (spec.name,))
+    return list(out.values())
+
+
+def _plain(v: Any) -> Any:
+    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v

@@ -13,11 +13,13 @@ so ``w`` has mean exactly 1 over each response (the sequence's total advantage i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..channels import Channel
 from .base import MethodInputs, MethodOutput, param_float, register_method
-from .grpo import GRPO_DEFAULTS, grpo_seq_advantages, outcome_metrics
+from .grpo import GRPOParams, grpo_seq_advantages, outcome_metrics
 
 __all__ = ["divergence_weights", "div_weighted_method"]
 
@@ -32,9 +34,17 @@ def divergence_weights(teacher_logprobs, behaviour_logprobs, mask, power: float 
     return torch.where(m, (1 - mix) + mix * rel, torch.zeros_like(d))
 
 
+@dataclass
+class DivWeightedParams(GRPOParams):
+    div_weight_power: float = 1.0
+    """div_weighted: exponent of the per-token divergence weight."""
+    div_weight_mix: float = 1.0
+    """div_weighted: mix between uniform (0) and divergence (1) weights."""
+
+
 @register_method(
     "div_weighted", needs=("teacher_logprobs",), gated_needs=(),
-    defaults={"div_weight_power": 1.0, "div_weight_mix": 1.0, **GRPO_DEFAULTS},
+    params=DivWeightedParams,
     description=("Divergence-weighted GRPO: the GRPO advantage scaled per token by |teacher - behaviour "
                  "log-prob|^p normalised to mean 1 over the response (mixed with 1 by div_weight_mix)."))
 def div_weighted_method(inputs: MethodInputs, params: dict) -> MethodOutput:

@@ -4,6 +4,7 @@ with a per-sequence outcome advantage broadcast to its tokens. Other methods reu
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -11,15 +12,27 @@ from torch import Tensor
 
 from ..advantages import get_advantage_estimator, zero_variance_mask
 from ..channels import Channel
-from .base import MethodInputs, MethodOutput, register_method
+from .base import MethodInputs, MethodOutput, params_from_dataclass, register_method
 
-__all__ = ["GRPO_DEFAULTS", "grpo_seq_advantages", "grpo_std_scaled", "outcome_advantage_output",
+__all__ = ["GRPOParams", "GRPO_DEFAULTS", "grpo_seq_advantages", "grpo_std_scaled", "outcome_advantage_output",
            "grpo_method", "dapo_method", "dr_grpo_method"]
 
-# The shared GRPO-advantage parameters (AlgorithmConfig fields); every method that computes a GRPO
-# advantage lists them among its defaults.
-GRPO_DEFAULTS: dict[str, Any] = {"adv_estimator": "grpo", "norm_adv_by_std": True, "adv_eps": 1e-6,
-                                 "singleton_group": "unit"}
+@dataclass
+class GRPOParams:
+    """The group-advantage parameters, shared by every method that computes a GRPO advantage (its own
+    parameter dataclass derives from this one)."""
+    adv_estimator: str = "grpo"
+    """Group advantage estimator: grpo ((r - mean) / (std + eps)) or dr_grpo (r - mean); see
+    ``python -m trace_rl.algo``."""
+    norm_adv_by_std: bool = True
+    """GRPO: divide by the group's unbiased std (False = Dr.GRPO-style centring only)."""
+    adv_eps: float = 1e-6
+    """GRPO: added to the group std (verl 1e-6, TRL 1e-4)."""
+    singleton_group: str = "unit"
+    """GRPO advantage of a group of one: 'unit' (verl: mean 0, std 1) or 'zero' (TRL)."""
+
+
+GRPO_DEFAULTS: dict[str, Any] = params_from_dataclass(GRPOParams)
 
 # Config field -> estimator keyword argument. Passed only when the estimator declares the keyword,
 # so "dr_grpo" (no options) and "grpo" can both be driven by the same config.
@@ -65,7 +78,7 @@ def outcome_metrics(inputs: MethodInputs, seq_advantages: Tensor) -> dict[str, f
             "adv/zero_variance_group_frac": torch.unique(inputs.group_ids[zv]).numel() / max(n_groups, 1)}
 
 
-@register_method("grpo", defaults=GRPO_DEFAULTS, description=(
+@register_method("grpo", params=GRPOParams, description=(
     "GRPO: group-normalised outcome advantage (r - mean) / (std + eps) on every response token, "
     "one 'pg' channel."))
 def grpo_method(inputs: MethodInputs, params: dict) -> MethodOutput:
@@ -73,7 +86,7 @@ def grpo_method(inputs: MethodInputs, params: dict) -> MethodOutput:
     return outcome_advantage_output(inputs, grpo_seq_advantages(inputs, params))
 
 
-@register_method("dapo", defaults=GRPO_DEFAULTS, description=(
+@register_method("dapo", params=GRPOParams, description=(
     "DAPO: the same advantages and channel as grpo; its differences (clip-higher eps 0.2/0.28, "
     "token-mean aggregation, dropping zero-variance groups) are config defaults, not code here."))
 def dapo_method(inputs: MethodInputs, params: dict) -> MethodOutput:

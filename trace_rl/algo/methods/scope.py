@@ -22,19 +22,36 @@ the released code does; coefficients ``scope_mle_coef`` and ``scope_kl_coef`` (s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from ..channels import DIVERGENCE_KINDS, Channel
-from ..schedules import schedule_defaults
+from ..schedules import Schedule
 from .base import (MethodInputs, MethodOutput, param_choice, param_float, param_schedule, param_step,
                    register_method)
 
 __all__ = ["SCOPE_WEIGHTINGS", "group_softmax", "scope_weights", "scope_method"]
 
 SCOPE_WEIGHTINGS = ("paper", "code")
+
+
+@dataclass
+class ScopeParams:
+    scope_tau: float = 1.0
+    """SCOPE: temperature of the in-group softmax of perplexity weights."""
+    scope_weighting: str = "paper"
+    """SCOPE: paper (student PPL^(+1/tau), weights sum to 1) or code (the released scripts' inversion)."""
+    scope_divergence: str = "reverse"
+    """SCOPE: KL direction on incorrect rollouts: forward | reverse."""
+    scope_mle_coef: Schedule = field(default_factory=Schedule)
+    """SCOPE: coefficient of the MLE path (correct rollouts)."""
+    scope_kl_coef: Schedule = field(default_factory=Schedule)
+    """SCOPE: coefficient of the KL path (incorrect rollouts)."""
+    correct_threshold: float = 0.5
+    """A rollout counts as correct when its reward is above this (trace, scope)."""
 
 
 def group_softmax(logits: Tensor, group_ids: Tensor, eligible: Tensor) -> Tensor:
@@ -76,9 +93,7 @@ def _active(step: int, params: Mapping[str, Any]) -> bool:
 
 @register_method(
     "scope", needs=("teacher_topk", "teacher_logprobs"), teacher_active=_active,
-    defaults={"scope_tau": 1.0, "scope_weighting": "paper", "scope_divergence": "reverse",
-              "scope_mle_coef": schedule_defaults("constant", start=1.0),
-              "scope_kl_coef": schedule_defaults("constant", start=1.0), "correct_threshold": 0.5},
+    params=ScopeParams,
     overrides={"filter_zero_variance": False},
     description=("SCOPE: correct rollouts -> student-perplexity-weighted MLE ('mle:correct'); incorrect -> "
                  "teacher-perplexity-weighted KL ('rkl:incorrect' by default); weights softmax-normalised in "

@@ -10,14 +10,25 @@ argues against.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..channels import DIVERGENCE_KINDS, Channel
-from ..schedules import schedule_defaults
+from ..schedules import Schedule
 from .base import MethodInputs, MethodOutput, param_bool, param_choice, param_schedule, param_step, register_method
-from .grpo import GRPO_DEFAULTS, grpo_seq_advantages, outcome_metrics
+from .grpo import GRPOParams, grpo_seq_advantages, outcome_metrics
 
-__all__ = ["self_opd_method"]
+__all__ = ["SelfOPDParams", "self_opd_method"]
+
+
+@dataclass
+class SelfOPDParams(GRPOParams):
+    opd_divergence: str = "forward"
+    """self_opd: forward | reverse | jsd KL to the privileged teacher on every token."""
+    opd_coef: Schedule = field(default_factory=Schedule)
+    """self_opd: coefficient of the all-token KL over steps."""
+    opd_with_grpo: bool = False
+    """self_opd: add the GRPO channel (False = pure on-policy distillation)."""
 
 
 def _active(step: int, params: Mapping[str, Any]) -> bool:
@@ -26,8 +37,7 @@ def _active(step: int, params: Mapping[str, Any]) -> bool:
 
 @register_method(
     "self_opd", needs=("teacher_topk", "teacher_logprobs"), teacher_active=_active,
-    defaults={"opd_divergence": "forward", "opd_coef": schedule_defaults("constant", start=1.0),
-              "opd_with_grpo": False, **GRPO_DEFAULTS},
+    params=SelfOPDParams,
     overrides={"filter_zero_variance": False},
     description=("All-token self-OPD: divergence to the privileged-context teacher on every response token "
                  "(channel '<kind>:opd', token mean), alone or added to GRPO (opd_with_grpo)."))

@@ -25,13 +25,15 @@ per-depth construction.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ..advantages import group_stats, zero_variance_mask
 from ..channels import Channel
 from .base import MethodInputs, MethodOutput, param_float, register_method
-from .grpo import GRPO_DEFAULTS, grpo_seq_advantages, grpo_std_scaled, outcome_metrics
+from .grpo import GRPOParams, grpo_seq_advantages, grpo_std_scaled, outcome_metrics
 
 __all__ = ["prefix_node_ids", "prefix_values", "tempo_method"]
 
@@ -124,8 +126,14 @@ def prefix_values(node: Tensor, rewards: Tensor, group_ids: Tensor) -> tuple[Ten
     return v_node, v_par, n_node, n_par
 
 
+@dataclass
+class TempoParams(GRPOParams):
+    tempo_td_coef: float = 1.0
+    """TEMPO: weight of the branch-gated TD correction added to the GRPO advantage."""
+
+
 @register_method(
-    "tempo", needs=("prefix_tree",), defaults={"tempo_td_coef": 1.0, **GRPO_DEFAULTS},
+    "tempo", needs=("prefix_tree",), params=TempoParams,
     description=("TEMPO: GRPO plus branch-gated TD corrections V(child) - V(parent) from the prefix tree of "
                  "the group's responses (V = mean reward of the members sharing the prefix); one 'pg' channel."))
 def tempo_method(inputs: MethodInputs, params: dict) -> MethodOutput:

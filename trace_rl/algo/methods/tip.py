@@ -18,13 +18,14 @@ its own token count (norm ``token``), coefficient ``tip_coef`` (a schedule).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from ..channels import DIVERGENCE_KINDS, Channel
-from ..schedules import schedule_defaults
+from ..schedules import Schedule
 from .base import (MethodInputs, MethodOutput, param_choice, param_float, param_schedule, param_step,
                    register_method)
 
@@ -58,6 +59,20 @@ def tip_select(entropy: Tensor, divergence: Tensor, mask: Tensor, budget: float,
     return hi_m, ov_m
 
 
+@dataclass
+class TIPParams:
+    tip_budget: float = 0.5
+    """TIP: fraction of response tokens that receive the distillation loss."""
+    tip_overconfident_share: float = 0.5
+    """TIP: share of the budget for low-entropy tokens with high teacher-student divergence."""
+    tip_low_entropy_quantile: float = 0.5
+    """TIP: entropy quantile below which a token counts as low-entropy."""
+    tip_divergence: str = "reverse"
+    """TIP: forward | reverse | jsd on the selected tokens."""
+    tip_coef: Schedule = field(default_factory=Schedule)
+    """TIP: coefficient of the distillation channel."""
+
+
 def _active(step: int, params: Mapping[str, Any]) -> bool:
     return param_schedule(params, "tip_coef").value(step) != 0
 
@@ -65,8 +80,7 @@ def _active(step: int, params: Mapping[str, Any]) -> bool:
 @register_method(
     "tip", needs=("entropy", "teacher_logprobs", "teacher_topk"),
     gated_needs=("entropy", "teacher_logprobs", "teacher_topk"), teacher_active=_active,
-    defaults={"tip_budget": 0.5, "tip_overconfident_share": 0.5, "tip_low_entropy_quantile": 0.5,
-              "tip_divergence": "reverse", "tip_coef": schedule_defaults("constant", start=1.0)},
+    params=TIPParams,
     overrides={"filter_zero_variance": False},
     description=("TIP: OPD on informative tokens only: the highest-entropy tokens plus low-entropy tokens with "
                  "the largest teacher-student |log-ratio|, within a budget fraction of the tokens ('<kind>:tip')."))

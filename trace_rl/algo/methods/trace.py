@@ -20,16 +20,31 @@ back to 1 as ``lam`` anneals; at ``lam = 0`` (or with no spans) the method is ex
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from ..channels import Channel
-from ..schedules import schedule_defaults
+from ..schedules import Schedule
 from .base import MethodInputs, MethodOutput, param_bool, param_float, param_schedule, param_step, register_method
-from .grpo import GRPO_DEFAULTS, grpo_seq_advantages, outcome_metrics
+from .grpo import GRPOParams, grpo_seq_advantages, outcome_metrics
 
-__all__ = ["trace_method"]
+__all__ = ["TraceParams", "trace_method"]
+
+
+@dataclass
+class TraceParams(GRPOParams):
+    trace_lambda: Schedule = field(default_factory=lambda: Schedule(
+        "hold_linear", start=0.5, end=0.0, hold_steps=10, decay_steps=30))
+    """TRACE KL coefficient over steps (default 0.5 for 10 steps, then linearly to 0 over 30); the
+    teacher and the annotator are not called once it reaches 0."""
+    trace_key_kl: bool = True
+    """TRACE: forward KL(teacher || student) on key spans of correct rollouts."""
+    trace_error_kl: bool = True
+    """TRACE: reverse KL(student || teacher) on error spans of incorrect rollouts."""
+    correct_threshold: float = 0.5
+    """A rollout counts as correct when its reward is above this (trace, scope)."""
 
 
 def _active(step: int, params: Mapping[str, Any]) -> bool:
@@ -40,8 +55,7 @@ def _active(step: int, params: Mapping[str, Any]) -> bool:
 @register_method(
     "trace", needs=("teacher_topk", "annotations"), gated_needs=("teacher_topk", "annotations"),
     teacher_active=_active, teacher_rows="annotated",
-    defaults={"trace_lambda": schedule_defaults("hold_linear", start=0.5, hold_steps=10, decay_steps=30),
-              "trace_key_kl": True, "trace_error_kl": True, "correct_threshold": 0.5, **GRPO_DEFAULTS},
+    params=TraceParams,
     description=("TRACE: forward KL on key spans of correct rollouts ('fkl:key'), reverse KL on error spans of "
                  "incorrect rollouts ('rkl:error'), GRPO ('pg') elsewhere; span tokens keep a GRPO share "
                  "1 - lam/lam0; lam annealed (default 0.5 for 10 steps, then linearly to 0 over 30)."))

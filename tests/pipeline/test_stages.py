@@ -1,14 +1,12 @@
-"""The driver's input gathering (trace_rl/routing.py) with a real teacher service and the oracle annotator."""
+"""The pipeline's stage actors (trace_rl/pipeline/stages.py) with a real teacher service and the oracle annotator."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trace_rl.annotate import get_annotator
 from trace_rl.rollout.base import Sample
 from trace_rl.rollout.pool import samples_to_batch
-from trace_rl.routing import InputGatherer
 from trace_rl.tasks.arith import ARITH_INSTRUCTION, generate
 from trace_rl.tasks.base import render_prompt
 from trace_rl.teacher import PrivilegedPromptBuilder
@@ -34,45 +32,58 @@ def make_batch(tok, problems):
     return batch
 
 
-def test_annotations_and_teacher_rows(ray_cluster, tiny_random_model):
-    from trace_rl.teacher.service import TeacherService
+def test_annotate_and_teacher_stages_on_object_refs(ray_cluster, tiny_random_model):
+    """The annotate and teacher stage actors, chained on object refs as the producer chains them: spans
+    under the cap on the right rows, teacher fields only on annotated rows, equal to an independent
+    forward pass on the privileged prompt."""
+    import ray
+
+    from trace_rl.config import AnnotatorConfig
+    from trace_rl.pipeline.stages import AnnotateStage, TeacherStage
 
     tok = AutoTokenizer.from_pretrained(tiny_random_model)
     problems = generate("test", 4, seed=9)
     batch = make_batch(tok, problems)
     # a right response scored as wrong: the oracle finds no error in it, so the row gets no span
     batch.rewards[0] = 0.5
-    teacher = TeacherService(tiny_random_model, kind="frozen", engine="hf", top_k=4)
+    by_uid = {p.uid: p for p in problems}
+    annotate = ray.remote(AnnotateStage).remote(AnnotatorConfig(kind="oracle"), seed=0,
+                                                tokenizer_path=tiny_random_model, trust_remote_code=False,
+                                                problems=by_uid, span_cap=0.25)
+    teacher_kwargs = dict(model_path=tiny_random_model, kind="frozen", engine="hf", top_k=4)
+    teacher = ray.remote(TeacherStage).remote(teacher_kwargs, tokenizer_path=tiny_random_model,
+                                              trust_remote_code=False, problems=by_uid, privileged=("solution",),
+                                              instruction=ARITH_INSTRUCTION, chat_template_kwargs=(),
+                                              teacher_rows="annotated")
     try:
-        builder = PrivilegedPromptBuilder(fields=("solution",), instruction=ARITH_INSTRUCTION)
-        g = InputGatherer(tokenizer=tok, problems={p.uid: p for p in problems}, annotator=get_annotator("oracle"),
-                          span_cap=0.25, teacher=teacher, prompt_builder=builder)
-        timings: dict[str, float] = {}
-        extra, metrics = g.gather(frozenset({"annotations", "teacher_topk"}), batch, 0, timings,
-                                  teacher_rows="annotated")
-        key, err = extra["key_mask"], extra["error_mask"]
-        n = batch.response_mask.sum(1)
+        ref, astats = annotate.annotate.options(num_returns=2).remote(ray.put(batch))
+        ref, tstats = teacher.score.options(num_returns=2).remote(ref)
+        out, astats, tstats = ray.get(ref), ray.get(astats), ray.get(tstats)
+        key, err = out.key_mask, out.error_mask
+        n = out.response_mask.sum(1)
         # the cap: at most 25% of each response's tokens
         assert bool(((key | err).sum(1) <= (0.25 * n).floor()).all())
         # wrong responses (odd rows) get an error span on their first step and no key span
         assert bool(err[1::2].any(1).all()) and not bool(key[1::2].any())
         annotated = (key | err).any(1)
         assert not bool(annotated[0]) and int(annotated.sum()) == len(batch) - 1
-        assert metrics["teacher/scored_frac"] == pytest.approx(float(annotated.float().mean()))
-        assert "timing_s/annotate" in timings and "timing_s/teacher" in timings
+        assert tstats["teacher/scored_rows"] == int(annotated.sum())
+        assert astats["annotate/annotated_rows"] == int(annotated.sum()) and astats["busy_s"] > 0
         # scored rows equal an independent forward on the privileged prompt; unscored rows are zero
+        builder = PrivilegedPromptBuilder(fields=("solution",), instruction=ARITH_INSTRUCTION)
         model = AutoModelForCausalLM.from_pretrained(tiny_random_model, dtype=torch.float32).eval()
-        for i in range(len(batch)):
-            r = batch.response_ids[i][batch.response_mask[i]].tolist()
+        for i in range(len(out)):
+            r = out.response_ids[i][out.response_mask[i]].tolist()
             if not annotated[i]:
-                assert bool((batch.teacher_logprobs[i] == 0).all())
+                assert bool((out.teacher_logprobs[i] == 0).all())
                 continue
-            uid = batch.meta["uid"][i]
-            p = tok(builder.render(g.problems[uid], tok), add_special_tokens=False)["input_ids"]
+            p = tok(builder.render(by_uid[out.meta["uid"][i]], tok), add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0].float(), -1)
             want = logp[len(p) - 1:len(p) - 1 + len(r)].gather(1, torch.tensor(r)[:, None]).squeeze(1)
-            torch.testing.assert_close(batch.teacher_logprobs[i, :len(r)], want, atol=1e-4, rtol=0)
-        assert teacher.stats()["teacher/tokens"] == int(batch.response_mask[annotated].sum())
+            torch.testing.assert_close(out.teacher_logprobs[i, :len(r)], want, atol=1e-4, rtol=0)
+        assert ray.get(teacher.stats.remote())["teacher/tokens"] == int(out.response_mask[annotated].sum())
     finally:
-        teacher.shutdown()
+        for actor in (annotate, teacher):
+            ray.get(actor.shutdown.remote())
+            ray.kill(actor)

@@ -1,0 +1,83 @@
+"""The shared start-up (trace_rl/startup.py): services decided once from the method's needs, the whole
+configuration checked by the subsystems that own it, and the module boundaries the design asks for."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from trace_rl.algo import METHODS, TEACHER_NEEDS
+from trace_rl.config import Config, ConfigError, to_config
+from trace_rl.startup import algorithm_for_learners, decide_services, subsystem_checks, validate
+
+PKG = Path(__file__).resolve().parent.parent / "trace_rl"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports (at any depth of the file: functions included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_eval_shares_the_start_up_not_the_driver():
+    mods = imported_modules(PKG / "eval.py")
+    assert not any(m == "trace_rl.train" or m.startswith("trace_rl.train.") for m in mods), mods
+    assert "trace_rl.startup" in mods
+
+
+def test_the_central_config_imports_no_subsystem():
+    subsystems = ("rollout", "learner", "annotate", "teacher", "sync", "placement", "eval", "train", "routing",
+                  "pipeline", "startup", "rewards", "tasks", "models", "buffer", "cluster")
+    mods = imported_modules(PKG / "config.py")
+    bad = [m for m in mods if m.startswith("trace_rl.") and m.split(".")[1] in subsystems]
+    assert bad == [], bad
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_services_follow_the_methods_declared_needs(name):
+    cfg = to_config({"algorithm": {"name": name}})
+    s = decide_services(cfg)
+    needs = METHODS[name].needs
+    assert s.teacher == bool(needs & TEACHER_NEEDS)
+    assert (s.annotator is not None) == ("annotations" in needs)
+    assert s.entropy == ("entropy" in needs)
+    assert not s.annotator_actors  # oracle by default: it runs in the annotate stage, no actors of its own
+
+
+def test_api_annotator_with_actors_gets_its_own_service():
+    cfg = to_config({"algorithm": {"name": "trace"}, "annotator": {"kind": "api", "num_actors": 2,
+                                                                   "base_url": "http://127.0.0.1:9/v1", "model": "m"}})
+    assert decide_services(cfg).annotator_actors
+    assert not decide_services(to_config({"algorithm": {"name": "grpo"}, "annotator": {"kind": "api",
+                                                                                        "num_actors": 2}})).annotator
+
+
+def test_every_subsystem_checks_its_own_section():
+    """The core validation alone accepts subsystem mistakes; the start-up's validate rejects each, named."""
+    from trace_rl.config import validate as validate_core
+
+    cases = {"rollout": {"rollout": {"n": 0}}, "learner": {"learner": {"zero_stage": 4}},
+             "teacher": {"teacher": {"top_k": 0}}, "annotator": {"annotator": {"span_cap": 2.0}},
+             "data": {"data": {"prompts_per_step": 0}}, "eval": {"eval": {"k": 0}},
+             "cluster": {"cluster": {"placement_strategy": "X"}}}
+    for section, bad in cases.items():
+        cfg = to_config(bad)
+        validate_core(cfg)  # not its business
+        with pytest.raises(ConfigError, match=section):
+            validate(cfg)
+    assert len(subsystem_checks(Config())) >= 7
+
+
+def test_behaviour_is_auto_turns_on_with_asynchronous_training():
+    assert algorithm_for_learners(to_config({})).behaviour_is == "off"
+    assert algorithm_for_learners(to_config({"trainer": {"max_staleness": 2}})).behaviour_is == "on"
+    assert algorithm_for_learners(to_config({"trainer": {"max_staleness": 2},
+                                             "algorithm": {"behaviour_is": "off"}})).behaviour_is == "off"
+    with pytest.raises(ConfigError, match="trainer.max_staleness"):
+        validate(to_config({"trainer": {"max_staleness": -1}}))

@@ -1,0 +1,380 @@
+"""The one start-up shared by training (``trace_rl.train``) and evaluation (``trace_rl.eval``).
+
+It brings up, in this order and each with its closer:
+
+1. the configuration, checked completely before anything starts (:func:`validate`: the central
+   config's own sections plus every subsystem's ``check_config``);
+2. the files: model path, tokenizer, training prompts and held-out sets (:func:`load_files`);
+3. the Ray cluster: a private one on 127.0.0.1, or the running one a job was submitted to;
+4. the services (:func:`start_training_services`): which of them exist is decided ONCE, here, from
+   the method's declared needs (:func:`decide_services`), and the placement plan, the teacher and the
+   annotator all follow that decision. The slow ones (vLLM engines, learner ranks, teacher engines) are
+   started concurrently and each one's start-up time is reported (``startup_s/<role>``).
+
+``with_closers(body)`` runs ``body(closers)`` and closes whatever it started, in reverse order, however
+it ends, so the next job of a Hydra multirun starts clean.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from trace_rl.config import Config, ConfigError, hydra_schema
+
+log = logging.getLogger("trace_rl")
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+# ---------------------------------------------------------------------------------------------- services
+@dataclass(frozen=True)
+class ServiceSet:
+    """Which services a job runs, decided once from the method's declared needs (:func:`decide_services`)."""
+    teacher: bool = False
+    """A privileged-context TeacherService (the method needs teacher top-k or log-probs)."""
+    annotator: str | None = None
+    """The annotator kind when the method routes on annotated spans (None: no annotate stage)."""
+    annotator_actors: bool = False
+    """The annotator runs in its own Ray actors with their own resources (api / model, num_actors > 0)."""
+    entropy: bool = False
+    """The learners compute the policy's per-token entropy for routing (TIP)."""
+
+
+def decide_services(cfg: Config) -> ServiceSet:
+    """The services ``cfg`` needs: the one place that reads the method's needs for start-up (the placement
+    plan and both stage builders take the answer from here)."""
+    from trace_rl.algo import TEACHER_NEEDS, get_method
+
+    needs = get_method(cfg.algorithm.name).needs
+    an = cfg.annotator
+    annotator = an.kind if "annotations" in needs else None
+    return ServiceSet(teacher=bool(needs & TEACHER_NEEDS), annotator=annotator,
+                      annotator_actors=bool(annotator in ("api", "model") and int(an.num_actors or 0) > 0),
+                      entropy="entropy" in needs)
+
+
+def subsystem_checks(cfg: Config) -> list[Callable[[Any, Any], None]]:
+    """Every subsystem's ``check_config(cfg, err)``; each owns its section's validation."""
+    from trace_rl.annotate.service import check_config as annotator_check
+    from trace_rl.eval import check_config as eval_check
+    from trace_rl.learner.group import check_config as learner_check
+    from trace_rl.placement import check_config as placement_check
+    from trace_rl.rollout.pool import check_config as rollout_check
+    from trace_rl.sync import check_config as sync_check
+    from trace_rl.teacher.service import check_config as teacher_check
+
+    checks: list[Callable[[Any, Any], None]] = [rollout_check, learner_check, teacher_check, annotator_check,
+                                                sync_check, eval_check]
+    try:
+        services = decide_services(cfg)
+    except Exception:  # an unknown method: the core check names it
+        return checks
+
+    def placement(c: Any, err: Any) -> None:
+        placement_check(c, err, teacher=services.teacher, annotator=services.annotator_actors)
+
+    return [*checks, placement]
+
+
+def validate(cfg: Any) -> Config:
+    """``cfg`` (a Config, DictConfig or dict) typed and checked completely: the central config's sections
+    and every subsystem's. Raises :class:`~trace_rl.config.ConfigError` listing every problem with its fix,
+    before any actor starts."""
+    from trace_rl.config import to_config, validate as validate_core
+
+    cfg = to_config(cfg)
+    return validate_core(cfg, checks=subsystem_checks(cfg))
+
+
+def with_closers(body: Callable[[list], Any]) -> Any:
+    """``body(closers)``; whatever it appended to ``closers`` (``(name, close)`` pairs) is closed in
+    reverse order however it ends, and a failing close is logged, never raised over the body's error."""
+    closers: list[tuple[str, Any]] = []
+    try:
+        return body(closers)
+    finally:
+        for name, close in reversed(closers):
+            try:
+                close()
+            except Exception as e:  # a failing shutdown must not hide the job's own error
+                log.warning("shutting down %s failed: %s", name, e)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def resolve_model_path(path: str) -> str:
+    """``tiny`` -> the project's tiny SFT model (built and cached on first use); anything else as given."""
+    if path == "tiny":
+        from trace_rl.models.cache import tiny_model_path
+
+        return str(tiny_model_path(stage="sft"))
+    return path
+
+
+def model_context(model_path: str) -> int | None:
+    """The checkpoint's context length (``max_position_embeddings``), when its config says."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            return int(json.load(f).get("max_position_embeddings") or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def load_tokenizer(cfg: Config, model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, pad_id
+
+
+def load_split(spec: str, split: str, n: int, seed: int):
+    """'arith' / 'arith:<split>' or a file path -> problems."""
+    from trace_rl.tasks import load_task_problems
+
+    if not spec:
+        return []
+    name, _, sub = spec.partition(":")
+    if name == "arith":
+        return load_task_problems("arith", sub or split, n=n or None, seed=seed)
+    return load_task_problems(spec, split, n=n or None, seed=seed)
+
+
+def tokenize_prompts(problems, tokenizer, max_prompt_length: int, task: str,
+                     chat_template_kwargs: dict[str, Any] | None = None):
+    """Render each problem with the chat template; drop (and count) prompts that are too long.
+
+    ``chat_template_kwargs`` (``model.chat_template_kwargs``, e.g. ``{"enable_thinking": True}`` for
+    Qwen3's thinking mode) are passed to ``tokenizer.apply_chat_template``; without them the prompt is
+    exactly ``render_prompt``'s.
+    """
+    from trace_rl.tasks import instruction_for
+    from trace_rl.tasks.base import build_messages, render_prompt
+
+    kept, ids, dropped = [], [], 0
+    instruction = instruction_for(task)
+    kwargs = dict(chat_template_kwargs or {})
+    if kwargs and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"model.chat_template_kwargs={kwargs} needs a tokenizer with a chat_template; "
+                         f"{type(tokenizer).__name__} has none (load a chat/instruct checkpoint)")
+    for p in problems:
+        if kwargs:
+            text = tokenizer.apply_chat_template(build_messages(p, instruction=instruction),
+                                                 add_generation_prompt=True, tokenize=False, **kwargs)
+        else:
+            text = render_prompt(p, tokenizer, instruction=instruction)
+        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tok) > max_prompt_length:
+            dropped += 1
+            continue
+        kept.append(p)
+        ids.append(tok)
+    return kept, ids, dropped
+
+
+@dataclass
+class Files:
+    """What a training job reads before any actor starts."""
+    model_path: str
+    tokenizer: Any
+    pad_id: int
+    train_problems: list
+    train_ids: list[list[int]]
+    train_dropped: int
+    eval_sets: list
+    max_model_len: int
+
+
+def load_files(cfg: Config, services: ServiceSet) -> Files:
+    """The model path, tokenizer, training prompts and held-out sets of a training job; a bad data file or
+    a task without usable prompts fails here, before the cluster starts."""
+    from trace_rl.eval import EvalSet
+
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer, pad_id = load_tokenizer(cfg, model_path)
+    train_problems, train_ids, dropped = tokenize_prompts(
+        load_split(cfg.data.task, "train", cfg.data.train_size, cfg.data.seed), tokenizer, cfg.data.max_prompt_length,
+        cfg.data.task, chat_template_kwargs=cfg.model.chat_template_kwargs)
+    if not train_problems:
+        raise ValueError(f"data.task={cfg.data.task!r} gave no usable training prompts "
+                         f"({dropped} longer than data.max_prompt_length={cfg.data.max_prompt_length})")
+    eval_sets = []
+    for name, spec in (("test", cfg.data.eval_test), ("ood", cfg.data.eval_ood)):
+        probs, ids, _ = tokenize_prompts(load_split(spec, name, cfg.data.eval_size, cfg.data.seed), tokenizer,
+                                         cfg.data.max_prompt_length, spec,
+                                         chat_template_kwargs=cfg.model.chat_template_kwargs)
+        if probs:
+            eval_sets.append(EvalSet(name, probs, ids))
+    max_model_len = cfg.data.max_prompt_length + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    if services.annotator == "self":
+        # the policy annotates through the pool: its prompts (problem, solution, numbered segments) are longer
+        max_model_len = max(max_model_len, min(model_context(model_path) or max_model_len,
+                                               4 * max_model_len + cfg.annotator.max_new_tokens))
+    return Files(model_path, tokenizer, pad_id, train_problems, train_ids, dropped, eval_sets, max_model_len)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    if cfg.trainer.run_dir:
+        return Path(cfg.trainer.run_dir)
+    try:  # under Hydra: the job's own output directory (one per multirun job)
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        name = cfg.logger.run_name or f"{cfg.algorithm.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(cfg.trainer.output_dir) / name
+
+
+# ---------------------------------------------------------------------------------------------- cluster
+def start_cluster(cfg: Config, closers: list) -> dict[str, Any]:
+    """Join the configured / submitted cluster, or start a private one on 127.0.0.1 (closed at the end)."""
+    import ray
+
+    from trace_rl.cluster import init_ray
+
+    cluster = init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus)
+    if cluster.get("started_local"):
+        closers.append(("ray", ray.shutdown))
+    return cluster
+
+
+def start_rollout_pool(cfg: Config, model_path: str, *, max_model_len: int, seed: int, pad_id: int,
+                       placement: Any = None):
+    from trace_rl.rollout.pool import RolloutPool
+
+    r = cfg.rollout
+    return RolloutPool(model_path, engine=r.engine, num_engines=r.num_engines, dtype=cfg.model.dtype, seed=seed,
+                       max_model_len=max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                       enforce_eager=r.enforce_eager, tensor_parallel_size=r.tensor_parallel_size,
+                       cpus_per_engine=r.cpus_per_engine, gpus_per_engine=r.gpus_per_engine,
+                       trust_remote_code=cfg.model.trust_remote_code, pad_token_id=pad_id, placement=placement,
+                       engine_options=r.engine_options)
+
+
+def algorithm_for_learners(cfg: Config):
+    """The ``algorithm`` section with ``behaviour_is=auto`` resolved (on when rollout may run ahead)."""
+    a = cfg.algorithm
+    if a.behaviour_is == "auto":
+        a = replace(a, behaviour_is="on" if cfg.trainer.max_staleness > 0 else "off")
+    return a
+
+
+@dataclass
+class TrainingServices:
+    """Everything a training job talks to; built by :func:`start_training_services`."""
+    cluster: dict[str, Any]
+    services: ServiceSet
+    placement: Any
+    pool: Any
+    learners: Any
+    weight_sync: Any
+    stages: Any  # trace_rl.pipeline.Stages: reward / annotate / teacher stage actors
+    colocation: Any
+    startup_s: dict[str, float] = field(default_factory=dict)
+
+
+def start_training_services(cfg: Config, files: Files, services: ServiceSet, run_dir: Path,
+                            closers: list) -> TrainingServices:
+    """The cluster and every service of a training job, each with its closer. The rollout engines, the
+    learner ranks and the stage actors (teacher engines included) start concurrently."""
+    from trace_rl.learner.group import LearnerGroup
+    from trace_rl.pipeline import Stages
+    from trace_rl.placement import ColocationProtocol, Placement, plan_from_config
+    from trace_rl.sync import make_weight_sync
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    cluster = start_cluster(cfg, closers)
+    timings["startup_s/ray"] = time.perf_counter() - t0
+    # every role's placement group, reserved up front (a plan that cannot fit fails here, named)
+    t0 = time.perf_counter()
+    placement = Placement(plan_from_config(cfg, teacher=services.teacher, annotator=services.annotator_actors),
+                          timeout_s=cfg.cluster.placement_timeout_s)
+    closers.append(("placement groups", placement.remove))
+    timings["startup_s/placement"] = time.perf_counter() - t0
+
+    def timed(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run():
+            s = time.perf_counter()
+            out = fn()
+            timings[f"startup_s/{name}"] = time.perf_counter() - s
+            return out
+        return run
+
+    algo = algorithm_for_learners(cfg)
+    builders = {
+        "rollout": timed("rollout", lambda: start_rollout_pool(
+            cfg, files.model_path, max_model_len=files.max_model_len, seed=cfg.rollout.seed, pad_id=files.pad_id,
+            placement=placement)),
+        "learner": timed("learner", lambda: LearnerGroup(
+            cfg.learner, algo, cfg.model, files.model_path, seed=cfg.trainer.seed,
+            placement_strategy=cfg.cluster.placement_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s,
+            total_steps=cfg.trainer.total_steps, placement=placement)),
+    }
+    started: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    # threads only wait on Ray: the actors themselves start in parallel processes
+    with ThreadPoolExecutor(max_workers=len(builders)) as ex:
+        futures = {name: ex.submit(fn) for name, fn in builders.items()}
+        errors = []
+        for name, fut in futures.items():
+            try:
+                started[name] = fut.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after every started service is closeable
+                errors.append((name, e))
+    for name, close in (("rollout pool", "rollout"), ("learner group", "learner")):
+        if close in started:
+            closers.append((name, started[close].shutdown))
+    if errors:
+        raise errors[0][1]
+    pool, learners = started["rollout"], started["learner"]
+    # the stage actors need the engines (annotator=self generates through them)
+    stages = Stages.start(cfg, files, services, run_dir, pool=pool, learners=learners, placement=placement,
+                          closers=closers)
+    timings["startup_s/stages"] = stages.startup_s
+    timings["startup_s/services"] = time.perf_counter() - t0
+    colo = ColocationProtocol(pool, learners, enabled=placement.colocated)
+    weight_sync = make_weight_sync(cfg.rollout.weight_sync, learners, pool, bucket_mb=cfg.rollout.sync_bucket_mb,
+                                   backend=cfg.rollout.sync_backend)
+    closers.append(("weight sync", weight_sync.close))
+    timings.update({f"startup_s/{k}_engine": v for k, v in _engine_startup(pool).items()})
+    return TrainingServices(cluster, services, placement, pool, learners, weight_sync, stages, colo, timings)
+
+
+def _engine_startup(pool: Any) -> dict[str, float]:
+    infos = getattr(pool, "infos", None) or []
+    return {"rollout": max((float(i.get("startup_s", 0.0)) for i in infos), default=0.0)}
+
+
+# ---------------------------------------------------------------------------------------------- Hydra
+def hydra_main(task: Callable[[Any], Any]) -> None:
+    """Run ``task(composed config)`` under Hydra: trace_rl's ``conf/`` and schema (with its mandatory
+    fields), the command line's overrides, ``-m`` sweeps. The entry of ``trace_rl.train`` and ``trace_rl.eval``."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="trace_rl_schema", node=hydra_schema())
+    logging.basicConfig(level=os.environ.get("TRACE_RL_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
+
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    def _hydra_main(hcfg) -> None:
+        task(hcfg)
+
+    _hydra_main()
+
+
+def wants_help() -> bool:
+    return any(a in ("--help", "-h") for a in sys.argv[1:]) and "hydra" not in " ".join(sys.argv)
+
+
+__all__ = ["ServiceSet", "decide_services", "validate", "subsystem_checks", "with_closers", "resolve_model_path",
+           "model_context", "load_tokenizer", "load_split", "tokenize_prompts", "Files", "load_files", "make_run_dir",
+           "start_cluster", "start_rollout_pool", "algorithm_for_learners", "TrainingServices",
+           "start_training_services", "hydra_main", "wants_help", "CONF_DIR", "ConfigError"]
