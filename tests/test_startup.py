@@ -81,3 +81,30 @@ def test_behaviour_is_auto_turns_on_with_asynchronous_training():
                                              "algorithm": {"behaviour_is": "off"}})).behaviour_is == "off"
     with pytest.raises(ConfigError, match="trainer.max_staleness"):
         validate(to_config({"trainer": {"max_staleness": -1}}))
+
+
+def test_prompt_table_tokenizes_when_drawn_and_skips_long_prompts(tiny_random_model):
+    from transformers import AutoTokenizer
+
+    from trace_rl.startup import PromptTable, tokenize_prompts
+    from trace_rl.tasks.arith import generate
+    from trace_rl.train import PromptSampler
+
+    tok = AutoTokenizer.from_pretrained(tiny_random_model)
+    problems = generate("train", 40, seed=1)
+    kept, ids, dropped = tokenize_prompts(problems, tok, 10_000, "arith")
+    assert dropped == 0 and len(kept) == 40
+    table = PromptTable(problems, tok, 10_000, "arith")
+    idx, got = table.draw(PromptSampler(40, seed=0), 8)
+    assert got == [ids[i] for i in idx] and table.dropped == 0  # same ids as the eager path, nothing dropped
+    lengths = sorted(len(x) for x in ids)
+    limit = lengths[len(lengths) // 2]  # about half the prompts are too long
+    table = PromptTable(problems, tok, limit, "arith")
+    sampler = PromptSampler(40, seed=0)
+    idx, got = table.draw(sampler, 8)
+    assert len(idx) == 8 and all(len(x) <= limit for x in got)
+    want = [i for i in PromptSampler(40, seed=0).next(40) if len(ids[i]) <= limit][:8]
+    assert idx == want  # the sampler's order, too-long prompts skipped
+    assert table.dropped == sum(len(ids[i]) > limit for i in PromptSampler(40, seed=0).next(sampler.position))
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        PromptTable(problems, tok, 1, "arith").draw(PromptSampler(40, seed=0), 1)

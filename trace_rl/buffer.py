@@ -1,7 +1,7 @@
 """``ReplayBuffer``: routed batches waiting for the learners, held as Ray object refs, with a staleness bound.
 
 The driver never holds a batch's tensors: an entry is the object refs of a step's rank shards (cut by the
-routing task, fetched by each learner rank itself) and the policy version that sampled its rows. The
+routing stage, fetched by each learner rank itself) and the policy version that sampled its rows. The
 learners consume entries in the order they were produced. With ``max_staleness = k`` an entry whose
 oldest row was sampled more than ``k`` policy versions before the learners' current one is dropped when
 it would be consumed, and counted (``buffer/dropped_batches``, ``buffer/dropped_sequences``); ``k = 0``

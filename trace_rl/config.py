@@ -166,6 +166,10 @@ class RolloutConfig:
     """vLLM tensor parallelism per engine."""
     cpus_per_engine: int = 1
     """Logical CPUs reserved per engine actor."""
+    threads_per_engine: int = 0
+    """CPU threads of an engine without a GPU (OMP_NUM_THREADS of its actor); 0 = every core in lockstep
+    training (the engine generates alone), the engine's share of the cores beside the learner ranks when
+    trainer.max_staleness > 0 (docs/performance.md has the measurement)."""
     gpus_per_engine: float = 0.0
     """GPUs per engine actor (0 on CPU machines)."""
     seed: int = 0
@@ -239,12 +243,20 @@ class LearnerConfig:
     """Sequences per forward/backward on one rank (gradient accumulation covers the rest)."""
     logprob_chunk_size: int = 1024
     """Tokens per chunk when computing log-softmax over the vocabulary."""
+    sort_by_length: bool = True
+    """Put rows of similar length into the same micro-batches (within each mini-batch, balanced over the
+    ranks), so that less of every forward pass is padding. The loss is the same sum with the same global
+    normalisers; only the float summation order changes (false = the rollout's row order)."""
     cpus_per_rank: int = 1
     """Logical CPUs reserved per learner rank."""
     gpus_per_rank: float = 0.0
     """GPUs per learner rank (0 on CPU machines)."""
     threads_per_rank: int = 0
     """torch intra-op threads per rank (0 = the machine's cores divided by the ranks on it)."""
+    nice: int = -1
+    """CPU scheduling priority of the ranks (Unix nice, 0-19; higher = yields more). -1 = automatic: 5 when
+    the ranks share CPU cores with rollout engines that generate at the same time (trainer.max_staleness > 0
+    without GPUs), so the engines, the critical path there, are not slowed by the learners; else 0."""
     dist_backend: str = "auto"
     """torch.distributed backend: auto (NCCL with GPUs, gloo otherwise) | gloo | nccl."""
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)

@@ -300,7 +300,8 @@ def _run_eval(cfg: Any, out_dir: Path, closers: list) -> dict[str, Any]:
         verifiers[fn] = VerifierPool(cfg.trainer.verifier_workers, cfg.trainer.verifier_timeout_s, score_fn=fn)
         closers.append((f"verifier pool {fn}", verifiers[fn].close))
     r = cfg.rollout
-    pool = start_rollout_pool(cfg, model_path, max_model_len=max_model_len, seed=e.seed, pad_id=pad_id)
+    pool = start_rollout_pool(cfg, model_path, max_model_len=max_model_len, seed=e.seed, pad_id=pad_id,
+                              training=False, max_seqs=max(len(es.problems) for es in eval_sets) * e.k)
     closers.append(("rollout pool", pool.shutdown))
 
     # ---- one benchmark at a time

@@ -149,34 +149,91 @@ def load_split(spec: str, split: str, n: int, seed: int):
 
 def tokenize_prompts(problems, tokenizer, max_prompt_length: int, task: str,
                      chat_template_kwargs: dict[str, Any] | None = None):
-    """Render each problem with the chat template; drop (and count) prompts that are too long.
+    """Render each problem (:func:`render`) and tokenize them all at once; drop (and count) prompts that
+    are too long. Returns ``(kept problems, their token ids, dropped count)``.
 
     ``chat_template_kwargs`` (``model.chat_template_kwargs``, e.g. ``{"enable_thinking": True}`` for
     Qwen3's thinking mode) are passed to ``tokenizer.apply_chat_template``; without them the prompt is
     exactly ``render_prompt``'s.
     """
-    from trace_rl.tasks import instruction_for
-    from trace_rl.tasks.base import build_messages, render_prompt
-
-    kept, ids, dropped = [], [], 0
-    instruction = instruction_for(task)
     kwargs = dict(chat_template_kwargs or {})
     if kwargs and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"model.chat_template_kwargs={kwargs} needs a tokenizer with a chat_template; "
                          f"{type(tokenizer).__name__} has none (load a chat/instruct checkpoint)")
-    for p in problems:
-        if kwargs:
-            text = tokenizer.apply_chat_template(build_messages(p, instruction=instruction),
-                                                 add_generation_prompt=True, tokenize=False, **kwargs)
-        else:
-            text = render_prompt(p, tokenizer, instruction=instruction)
-        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+    problems = list(problems)
+    if not problems:
+        return [], [], 0
+    texts = [render(p, tokenizer, task, kwargs) for p in problems]
+    kept, ids, dropped = [], [], 0
+    for p, tok in zip(problems, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         if len(tok) > max_prompt_length:
             dropped += 1
             continue
         kept.append(p)
-        ids.append(tok)
+        ids.append(list(tok))
     return kept, ids, dropped
+
+
+class PromptTable:
+    """The training prompts, tokenized when first drawn (a run uses a small part of a large training set;
+    tokenizing all of it up front cost seconds at every start). A prompt longer than
+    ``data.max_prompt_length`` is dropped when drawn and counted (``dropped``); :meth:`draw` replaces it by
+    the sampler's next prompt, so a step always gets ``k`` prompts."""
+
+    def __init__(self, problems: list, tokenizer: Any, max_prompt_length: int, task: str,
+                 chat_template_kwargs: dict[str, Any] | None = None):
+        self.problems, self.tokenizer = problems, tokenizer
+        self.max_prompt_length, self.task = int(max_prompt_length), task
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self._ids: dict[int, list[int] | None] = {}
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def ids(self, indices: list[int]) -> list[list[int] | None]:
+        """Token ids of the prompts at ``indices`` (None: longer than the limit)."""
+        todo = [i for i in dict.fromkeys(indices) if i not in self._ids]
+        if todo:
+            texts = [render(self.problems[i], self.tokenizer, self.task, self.chat_template_kwargs) for i in todo]
+            for i, ids in zip(todo, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+                if len(ids) > self.max_prompt_length:
+                    self._ids[i] = None
+                    self.dropped += 1
+                    if self.dropped == 1:
+                        log.warning("training prompt %s has %d tokens > data.max_prompt_length=%d: dropped (every "
+                                    "such prompt is skipped and counted in data/prompts_dropped; raise the limit "
+                                    "to keep them)", self.problems[i].uid, len(ids), self.max_prompt_length)
+                else:
+                    self._ids[i] = list(ids)
+        return [self._ids[i] for i in indices]
+
+    def draw(self, sampler: Any, k: int) -> tuple[list[int], list[list[int]]]:
+        """``k`` prompts that fit, in the sampler's order: ``(indices, token ids)``."""
+        idx, ids = [], []
+        while len(idx) < k:
+            if self.dropped >= len(self.problems):
+                raise ValueError(f"every training prompt is longer than data.max_prompt_length="
+                                 f"{self.max_prompt_length}; raise it")
+            want = sampler.next(k - len(idx))
+            for i, t in zip(want, self.ids(want)):
+                if t is not None:
+                    idx.append(i)
+                    ids.append(t)
+        return idx, ids
+
+
+def render(problem: Any, tokenizer: Any, task: str, chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """A problem's prompt text: ``render_prompt``'s, or the tokenizer's chat template with
+    ``model.chat_template_kwargs`` (e.g. Qwen3's ``enable_thinking``) when they are given."""
+    from trace_rl.tasks import instruction_for
+    from trace_rl.tasks.base import build_messages, render_prompt
+
+    kwargs = dict(chat_template_kwargs or {})
+    if kwargs:
+        return tokenizer.apply_chat_template(build_messages(problem, instruction=instruction_for(task)),
+                                             add_generation_prompt=True, tokenize=False, **kwargs)
+    return render_prompt(problem, tokenizer, instruction=instruction_for(task))
 
 
 @dataclass
@@ -185,26 +242,30 @@ class Files:
     model_path: str
     tokenizer: Any
     pad_id: int
-    train_problems: list
-    train_ids: list[list[int]]
-    train_dropped: int
+    prompts: PromptTable
     eval_sets: list
     max_model_len: int
 
+    @property
+    def train_problems(self) -> list:
+        return self.prompts.problems
+
 
 def load_files(cfg: Config, services: ServiceSet) -> Files:
-    """The model path, tokenizer, training prompts and held-out sets of a training job; a bad data file or
-    a task without usable prompts fails here, before the cluster starts."""
+    """The model path, tokenizer, training prompts and held-out sets of a training job; a bad data file, or
+    a task whose first prompts are all too long, fails here, before any actor starts."""
     from trace_rl.eval import EvalSet
 
     model_path = resolve_model_path(cfg.model.path)
     tokenizer, pad_id = load_tokenizer(cfg, model_path)
-    train_problems, train_ids, dropped = tokenize_prompts(
-        load_split(cfg.data.task, "train", cfg.data.train_size, cfg.data.seed), tokenizer, cfg.data.max_prompt_length,
-        cfg.data.task, chat_template_kwargs=cfg.model.chat_template_kwargs)
-    if not train_problems:
-        raise ValueError(f"data.task={cfg.data.task!r} gave no usable training prompts "
-                         f"({dropped} longer than data.max_prompt_length={cfg.data.max_prompt_length})")
+    problems = load_split(cfg.data.task, "train", cfg.data.train_size, cfg.data.seed)
+    prompts = PromptTable(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.task,
+                          cfg.model.chat_template_kwargs)
+    sample = list(range(min(len(problems), 64)))
+    if not problems or all(t is None for t in prompts.ids(sample)):
+        raise ValueError(f"data.task={cfg.data.task!r} gave no usable training prompts ({len(problems)} read; the "
+                         f"first {len(sample)} are all longer than data.max_prompt_length="
+                         f"{cfg.data.max_prompt_length}): raise data.max_prompt_length or check the file")
     eval_sets = []
     for name, spec in (("test", cfg.data.eval_test), ("ood", cfg.data.eval_ood)):
         probs, ids, _ = tokenize_prompts(load_split(spec, name, cfg.data.eval_size, cfg.data.seed), tokenizer,
@@ -217,7 +278,7 @@ def load_files(cfg: Config, services: ServiceSet) -> Files:
         # the policy annotates through the pool: its prompts (problem, solution, numbered segments) are longer
         max_model_len = max(max_model_len, min(model_context(model_path) or max_model_len,
                                                4 * max_model_len + cfg.annotator.max_new_tokens))
-    return Files(model_path, tokenizer, pad_id, train_problems, train_ids, dropped, eval_sets, max_model_len)
+    return Files(model_path, tokenizer, pad_id, prompts, eval_sets, max_model_len)
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -245,17 +306,68 @@ def start_cluster(cfg: Config, closers: list) -> dict[str, Any]:
     return cluster
 
 
+def engine_threads(cfg: Config, *, training: bool = True) -> int:
+    """``rollout.threads_per_engine``, or (0) every core while an engine generates alone (lockstep training,
+    evaluation) and its share of the cores when it generates beside the learner ranks and the other engines
+    (``trainer.max_staleness > 0``)."""
+    from trace_rl.rollout.pool import default_engine_threads
+
+    r = cfg.rollout
+    if r.threads_per_engine:
+        return int(r.threads_per_engine)
+    busy = (cfg.learner.num_ranks + r.num_engines - 1) if training and cfg.trainer.max_staleness > 0 else 0
+    return default_engine_threads(r.engine, shared_with=busy)
+
+
+def cpu_kv_cache_gib(cfg: Config, model_path: str, max_model_len: int, max_seqs: int) -> int | None:
+    """The KV cache a vLLM engine without a GPU needs, in whole GiB (``VLLM_CPU_KVCACHE_SPACE``): the model's
+    bytes per token (layers x 2 x KV heads x head size x dtype size) x ``max_model_len`` x the most sequences it
+    holds at once (x 1.25), at least 1 and at most ``rollout.gpu_memory_utilization`` of the machine's
+    memory. vLLM's own CPU default, that fraction of memory, allocates and zeroes gigabytes (6.5 s of
+    start-up for the tiny model) that small models never use. None when the model's config does not say."""
+    import math
+
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            mc = json.load(f)
+        mc = mc.get("text_config", mc)
+        heads = int(mc["num_attention_heads"])
+        head_dim = int(mc.get("head_dim") or int(mc["hidden_size"]) // heads)
+        per_token = int(mc["num_hidden_layers"]) * 2 * int(mc.get("num_key_value_heads") or heads) * head_dim
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    per_token *= {"float32": 4}.get(cfg.model.dtype, 2)
+    need = math.ceil(per_token * max_model_len * max_seqs * 1.25 / 2**30)
+    try:
+        cap = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * cfg.rollout.gpu_memory_utilization / 2**30)
+    except (ValueError, OSError):
+        cap = need
+    return max(1, min(need, max(cap, 1)))
+
+
 def start_rollout_pool(cfg: Config, model_path: str, *, max_model_len: int, seed: int, pad_id: int,
-                       placement: Any = None):
+                       placement: Any = None, training: bool = True, max_seqs: int | None = None):
+    """The rollout engines of ``cfg``. ``max_seqs``: the most sequences an engine holds at once (default: a
+    training step's share or an evaluation set's, whichever is larger), for the CPU KV-cache size."""
     from trace_rl.rollout.pool import RolloutPool
 
     r = cfg.rollout
+    env: dict[str, str] = {}
+    if r.engine == "vllm" and r.gpus_per_engine == 0 and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        if max_seqs is None:
+            per_engine = -(-cfg.data.prompts_per_step // r.num_engines) * r.n
+            max_seqs = max(per_engine, -(-cfg.data.eval_size // r.num_engines) * cfg.eval.k)
+        max_seqs = min(max_seqs, int(r.engine_options.get("max_num_seqs", 256)))
+        gib = cpu_kv_cache_gib(cfg, model_path, max_model_len, max_seqs)
+        if gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
     return RolloutPool(model_path, engine=r.engine, num_engines=r.num_engines, dtype=cfg.model.dtype, seed=seed,
                        max_model_len=max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                        enforce_eager=r.enforce_eager, tensor_parallel_size=r.tensor_parallel_size,
                        cpus_per_engine=r.cpus_per_engine, gpus_per_engine=r.gpus_per_engine,
                        trust_remote_code=cfg.model.trust_remote_code, pad_token_id=pad_id, placement=placement,
-                       engine_options=r.engine_options)
+                       engine_options=r.engine_options, threads_per_engine=engine_threads(cfg, training=training),
+                       extra_env=env)
 
 
 def algorithm_for_learners(cfg: Config):
@@ -264,6 +376,16 @@ def algorithm_for_learners(cfg: Config):
     if a.behaviour_is == "auto":
         a = replace(a, behaviour_is="on" if cfg.trainer.max_staleness > 0 else "off")
     return a
+
+
+def learner_for_placement(cfg: Config):
+    """The ``learner`` section with ``nice=-1`` resolved: 5 when the ranks run on CPU cores beside engines
+    that generate at the same time (asynchronous training without GPUs), else 0."""
+    lc = cfg.learner
+    if lc.nice < 0:
+        shared = cfg.trainer.max_staleness > 0 and lc.gpus_per_rank == 0 and cfg.rollout.gpus_per_engine == 0
+        lc = replace(lc, nice=5 if shared else 0)
+    return lc
 
 
 @dataclass
@@ -280,19 +402,36 @@ class TrainingServices:
     startup_s: dict[str, float] = field(default_factory=dict)
 
 
+def start_cluster_and_load_files(cfg: Config, services: ServiceSet, closers: list) -> tuple[dict, Files, dict]:
+    """Start (or join) the Ray cluster while the files load in a thread: Ray's processes start and the driver
+    imports the tokenizer at the same time. A bad data file still fails before any actor starts.
+    Returns ``(cluster info, files, timings)``."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        files_future = ex.submit(load_files, cfg, services)
+        cluster = start_cluster(cfg, closers)
+        timings["startup_s/ray"] = time.perf_counter() - t0
+        files = files_future.result()
+    timings["startup_s/files"] = time.perf_counter() - t0
+    return cluster, files, timings
+
+
 def start_training_services(cfg: Config, files: Files, services: ServiceSet, run_dir: Path,
-                            closers: list) -> TrainingServices:
-    """The cluster and every service of a training job, each with its closer. The rollout engines, the
-    learner ranks and the stage actors (teacher engines included) start concurrently."""
+                            closers: list, cluster: dict | None = None) -> TrainingServices:
+    """The cluster (unless ``cluster`` says it is up) and every service of a training job, each with its
+    closer. The rollout engines, the learner ranks and the stage actors (teacher engines included) start
+    concurrently."""
     from trace_rl.learner.group import LearnerGroup
     from trace_rl.pipeline import Stages
     from trace_rl.placement import ColocationProtocol, Placement, plan_from_config
     from trace_rl.sync import make_weight_sync
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    cluster = start_cluster(cfg, closers)
-    timings["startup_s/ray"] = time.perf_counter() - t0
+    if cluster is None:
+        t0 = time.perf_counter()
+        cluster = start_cluster(cfg, closers)
+        timings["startup_s/ray"] = time.perf_counter() - t0
     # every role's placement group, reserved up front (a plan that cannot fit fails here, named)
     t0 = time.perf_counter()
     placement = Placement(plan_from_config(cfg, teacher=services.teacher, annotator=services.annotator_actors),
@@ -309,20 +448,32 @@ def start_training_services(cfg: Config, files: Files, services: ServiceSet, run
         return run
 
     algo = algorithm_for_learners(cfg)
+    learner_cfg = learner_for_placement(cfg)
+    futures: dict[str, Any] = {}
+
+    def wait_for(name: str) -> Callable[[], Any]:
+        return lambda: futures[name].result()
+
     builders = {
         "rollout": timed("rollout", lambda: start_rollout_pool(
             cfg, files.model_path, max_model_len=files.max_model_len, seed=cfg.rollout.seed, pad_id=files.pad_id,
             placement=placement)),
         "learner": timed("learner", lambda: LearnerGroup(
-            cfg.learner, algo, cfg.model, files.model_path, seed=cfg.trainer.seed,
+            learner_cfg, algo, cfg.model, files.model_path, seed=cfg.trainer.seed,
             placement_strategy=cfg.cluster.placement_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s,
             total_steps=cfg.trainer.total_steps, placement=placement)),
+        # the stage actors start beside them; the annotate stage of annotator=self waits for the engines, an
+        # EMA teacher for the learners' weights
+        "stages": timed("stages", lambda: Stages.start(cfg, files, services, run_dir, pool=wait_for("rollout"),
+                                                       learners=wait_for("learner"), placement=placement,
+                                                       closers=closers)),
     }
     started: dict[str, Any] = {}
     t0 = time.perf_counter()
     # threads only wait on Ray: the actors themselves start in parallel processes
     with ThreadPoolExecutor(max_workers=len(builders)) as ex:
-        futures = {name: ex.submit(fn) for name, fn in builders.items()}
+        for name, fn in builders.items():
+            futures[name] = ex.submit(fn)
         errors = []
         for name, fut in futures.items():
             try:
@@ -334,11 +485,7 @@ def start_training_services(cfg: Config, files: Files, services: ServiceSet, run
             closers.append((name, started[close].shutdown))
     if errors:
         raise errors[0][1]
-    pool, learners = started["rollout"], started["learner"]
-    # the stage actors need the engines (annotator=self generates through them)
-    stages = Stages.start(cfg, files, services, run_dir, pool=pool, learners=learners, placement=placement,
-                          closers=closers)
-    timings["startup_s/stages"] = stages.startup_s
+    pool, learners, stages = started["rollout"], started["learner"], started["stages"]
     timings["startup_s/services"] = time.perf_counter() - t0
     colo = ColocationProtocol(pool, learners, enabled=placement.colocated)
     weight_sync = make_weight_sync(cfg.rollout.weight_sync, learners, pool, bucket_mb=cfg.rollout.sync_bucket_mb,
@@ -375,6 +522,8 @@ def wants_help() -> bool:
 
 
 __all__ = ["ServiceSet", "decide_services", "validate", "subsystem_checks", "with_closers", "resolve_model_path",
-           "model_context", "load_tokenizer", "load_split", "tokenize_prompts", "Files", "load_files", "make_run_dir",
-           "start_cluster", "start_rollout_pool", "algorithm_for_learners", "TrainingServices",
+           "model_context", "load_tokenizer", "load_split", "tokenize_prompts", "render", "PromptTable", "Files",
+           "load_files", "make_run_dir",
+           "start_cluster", "start_cluster_and_load_files", "start_rollout_pool", "algorithm_for_learners",
+           "engine_threads", "TrainingServices",
            "start_training_services", "hydra_main", "wants_help", "CONF_DIR", "ConfigError"]

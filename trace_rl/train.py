@@ -6,7 +6,7 @@
 with evaluation), evaluates, then runs ``for step in range(...)``. A step's data never passes through
 this process: the producer (``trace_rl.pipeline``, a thread of this driver) chains each step through
 
-    rollout -> reward -> annotate -> teacher -> advantage          (object refs, stage actors, Ray tasks)
+    rollout -> reward -> annotate -> teacher -> advantage          (object refs between stage actors)
 
 and this loop, for each step, takes the routed shards from the replay buffer and runs
 
@@ -120,7 +120,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
     from trace_rl.buffer import BufferEntry, ReplayBuffer
     from trace_rl.pipeline import DriverTraffic, Producer, RouteSpec, StepTimeline, remote_verifier
     from trace_rl.rollout.base import SamplingSpec
-    from trace_rl.startup import decide_services, load_files, make_run_dir, start_training_services
+    from trace_rl.startup import decide_services, make_run_dir, start_cluster_and_load_files, start_training_services
     from trace_rl.tracking import Tracker
 
     t_job = time.perf_counter()
@@ -135,20 +135,21 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
 
     # ---- files, then the cluster and the services (trace_rl.startup: shared with evaluation)
     services = decide_services(cfg)
-    files = load_files(cfg, services)
+    cluster, files, startup_s = start_cluster_and_load_files(cfg, services, closers)
     tracker = Tracker(run_dir, config=asdict(cfg), use_wandb=cfg.logger.wandb, wandb_mode=cfg.logger.wandb_mode,
                       project=cfg.logger.project, entity=cfg.logger.entity,
                       run_name=cfg.logger.run_name or run_dir.name, tags=cfg.logger.tags,
                       console=cfg.logger.console, resume=ckpt is not None)
     closers.append(("tracker", tracker.finish))
-    svc = start_training_services(cfg, files, services, run_dir, closers)
+    svc = start_training_services(cfg, files, services, run_dir, closers, cluster=cluster)
+    svc.startup_s = {**startup_s, **svc.startup_s}
     pool, learners, stages, colo, weight_sync = svc.pool, svc.learners, svc.stages, svc.colocation, svc.weight_sync
     verifier = remote_verifier(stages.reward)
     print("start-up: " + ", ".join(f"{k.split('/')[-1]} {v:.1f} s" for k, v in svc.startup_s.items()), flush=True)
 
     k = int(cfg.trainer.max_staleness)
     buffer = ReplayBuffer(capacity=k + 1, max_staleness=k)
-    sampler = PromptSampler(len(files.train_problems), cfg.data.seed, cfg.data.shuffle)
+    sampler = PromptSampler(len(files.prompts), cfg.data.seed, cfg.data.shuffle)
     params = asdict(cfg.algorithm)
     exposure = ExposureTracker()
     probe = None
@@ -183,8 +184,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "algorithm": cfg.algorithm.name,
                                "model_path": files.model_path, "cluster": svc.cluster,
-                               "data": {"train_prompts": len(files.train_problems),
-                                        "train_prompts_dropped": files.train_dropped},
+                               "data": {"train_prompts": len(files.prompts)},
                                "startup_s": svc.startup_s}
     if eval_before is None and cfg.eval.before:
         t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
 
     producer = Producer(
         pool=pool, stages=stages, learners=learners, sampler=sampler, method=method, params=params,
-        train_ids=files.train_ids, train_problems=files.train_problems,
+        prompts=files.prompts,
         spec=SamplingSpec(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                           top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens),
         prompts_per_step=cfg.data.prompts_per_step, stream_chunks=cfg.rollout.stream_chunks,
@@ -204,7 +204,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
                              filter_zero_variance=cfg.algorithm.filter_zero_variance,
                              num_ranks=cfg.learner.num_ranks, num_mini_batches=cfg.algorithm.num_mini_batches,
                              max_len=cfg.rollout.max_new_tokens, pad_token_id=files.pad_id,
-                             vocab_size=learners.vocab_size),
+                             vocab_size=learners.vocab_size, sort_by_length=cfg.learner.sort_by_length),
         colocation=colo, temperature=cfg.rollout.temperature, pad_token_id=files.pad_id).start()
     closers.append(("producer", producer.stop))
 
@@ -329,6 +329,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
             "perf/rollout_tokens_per_s": info.tokens / max(timings.get("timing_s/rollout", 0.0), 1e-9),
             "perf/samples_per_s": info.rows / max(timings["timing_s/step"], 1e-9),
             "train/nonfinite_steps_total": float(totals["nonfinite_steps"]),
+            "data/prompts_dropped": float(files.prompts.dropped),
             "async/staleness_mean": sum(d * c for d, c in stale.items()) / rows_learned if rows_learned else 0.0,
             "async/staleness_max": float(max(stale, default=0)),
             "async/offpolicy_row_frac": sum(c for d, c in stale.items() if d > 0) / rows_learned if rows_learned else 0.0,
@@ -370,6 +371,7 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
 
     teacher_stats = ray.get(stages.teacher.stats.remote()) if stages.teacher is not None else None
     annotate_counts = ray.get(stages.annotate.annotate_counts.remote()) if stages.annotate is not None else {}
+    summary["data"]["train_prompts_dropped"] = files.prompts.dropped
     summary.update({"eval_before": eval_before, "eval_after": eval_after, "steps": final_step,
                     "totals": totals, "verifier": ray.get(stages.reward.verifier_stats.remote()),
                     "exposure": exposure.metrics(), "teacher": teacher_stats, "annotate": annotate_counts,

@@ -32,6 +32,11 @@ SETTINGS = {
     "vllm-async-sched": ("vllm", {}, {"async_scheduling": True}),
     "vllm-batched-tokens-2k": ("vllm", {}, {"max_num_batched_tokens": 2048}),
     "vllm-kv-1g": ("vllm", {"VLLM_CPU_KVCACHE_SPACE": "1"}, {}),
+    "vllm-2-threads": ("vllm", {"OMP_NUM_THREADS": "2"}, {}),
+    "vllm-1t-nobind": ("vllm", {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, {}),
+    "vllm-1t-nobind-async": ("vllm", {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+                             {"async_scheduling": True}),
+    "vllm-1t-async": ("vllm", {"OMP_NUM_THREADS": "1"}, {"async_scheduling": True}),
 }
 
 
@@ -59,7 +64,7 @@ def child(setting: str, shape: str, repeats: int) -> None:
     startup = time.perf_counter() - t0
     spec = {"n": N, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": T}
     times, tokens = [], []
-    for r in range(repeats + 1):
+    for r in range(repeats + 1):  # the first call is reported apart (one-off costs)
         prompts = ids[r * P:(r + 1) * P]
         t0 = time.perf_counter()
         samples = eng.generate(prompts, spec)

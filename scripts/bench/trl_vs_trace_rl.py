@@ -216,7 +216,35 @@ def pick_micro_batch(want: int, batch: int, ranks: int) -> tuple[int, int]:
     return largest_divisor(per_rank, want), largest_divisor(batch, want)
 
 
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs' time that was busy over ``seconds`` (from /proc/stat; 0 where unavailable)."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except OSError:
+        return 0.0
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_until_idle(limit: float = 0.1, max_wait_s: float = 120.0) -> float:
+    """Wait (at most ``max_wait_s``) until the CPUs were less than ``limit`` busy for a second: the previous
+    job's shutdown must not run into the next job's timing. Returns the busy fraction last seen."""
+    t_end = time.time() + max_wait_s
+    busy = cpu_busy_fraction()
+    while busy > limit and time.time() < t_end:
+        busy = cpu_busy_fraction()
+    return busy
+
+
 def run_logged(cmd: list[str], logfile: Path, cwd: Path, env: dict, timeout: float) -> tuple[int, float]:
+    busy = wait_until_idle()
+    if busy > 0.1:
+        log(f"WARNING: the CPUs are still {100 * busy:.0f}% busy before this job; its timing is unreliable")
     t0 = time.perf_counter()
     with open(logfile, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -446,6 +474,7 @@ def main(argv=None) -> int:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         usable = cores
+    wait_until_idle()
     load = os.getloadavg()
     header = [f"# trace_rl vs TRL GRPOTrainer ({_dt.datetime.now().isoformat(timespec='seconds')})", "",
               f"- machine: {cores} cores ({usable} usable), load average at start {load[0]:.2f} / {load[1]:.2f} / "

@@ -79,12 +79,12 @@ def test_annotate_stage_puts_the_api_cache_under_the_run_dir(ray_cluster, tmp_pa
     import ray
 
     from trace_rl.pipeline.stages import Stages
-    from trace_rl.startup import Files, decide_services
+    from trace_rl.startup import Files, PromptTable, decide_services
 
     cfg = cfg_with(kind="api", base_url="http://127.0.0.1:9/v1", model="m")
     cfg.algorithm.name = "trace"
     cfg.teacher.kind = "frozen"
-    files = Files(tiny_random_model, None, 0, [], [], 0, [], 256)
+    files = Files(tiny_random_model, None, 0, PromptTable([], None, 256, "arith"), [], 256)
     closers: list = []
     svc = decide_services(cfg)
     stages = Stages.start(cfg, files, replace(svc, teacher=False), tmp_path, pool=_NoEngines(), closers=closers)

@@ -105,3 +105,49 @@ def test_trace_step_keeps_span_rows_of_zero_variance_groups_and_ships_teacher_fi
     assert kept == n_var + 1  # the span row of the zero-variance group is kept
     assert all(sh.teacher_topk_ids is not None and sh.key_mask is None for sh in shards)
     assert "teacher/student_minus_teacher_logprob" in info.metrics and info.exposure[1] >= 1
+
+
+def test_length_order_changes_micro_batches_not_the_loss():
+    """learner.sort_by_length: within each mini-batch rows of similar length share micro-batches, balanced
+    over ranks; each mini-batch trains on the same rows and the summed loss is the same (up to rounding)."""
+    from trace_rl.learner.loss import micro_batch_loss
+
+    batch = rollout_batch(groups=8, R=9, seed=4)
+    W, M, mb = 2, 2, 4
+    plain, info_p = route_batch(spec(W=W, M=M, filter_zv=False), batch.replace(meta=dict(batch.meta)))
+    s = dataclasses.replace(spec(W=W, M=M, filter_zv=False), sort_by_length=True)
+    sorted_, info_s = route_batch(s, batch.replace(meta=dict(batch.meta)))
+    assert info_p.counts == info_s.counts
+    algo = AlgorithmConfig()
+
+    def rows(shards, m):
+        n = len(shards[0]) // M
+        return sorted(tuple(sh.response_ids[i].tolist()) for sh in shards for i in range(m * n, (m + 1) * n))
+
+    def total_loss(shards, info):
+        total = 0.0
+        for sh in shards:
+            n = len(sh) // M
+            for m in range(M):
+                mini = sh.select(slice(m * n, (m + 1) * n))
+                for k in range(0, n, mb):
+                    x = mini.select(slice(k, k + mb))
+                    logp = x.behaviour_logprobs * 0.9
+                    total += float(micro_batch_loss(x, logp, x.behaviour_logprobs, info.counts[m], algo).loss)
+        return total
+
+    for m in range(M):
+        assert rows(plain, m) == rows(sorted_, m)
+    assert total_loss(sorted_, info_s) == pytest.approx(total_loss(plain, info_p), abs=1e-6)
+    # ranks get equal shares, each sorted longest first
+    lens = [sh.response_mask.sum(1) + sh.prompt_mask.sum(1) for sh in sorted_]
+    n = len(sorted_[0]) // M
+    for L in lens:
+        for m in range(M):
+            part = L[m * n:(m + 1) * n]
+            assert bool((part[:-1] >= part[1:]).all())
+    # and less padding per micro-batch than the rollout order
+    def padded(shards):
+        return sum(int(x.response_mask.sum(1).max()) * len(x) for sh in shards
+                   for x in (sh.select(slice(k, k + mb)) for k in range(0, len(sh), mb)))
+    assert padded(sorted_) < padded(plain)

@@ -46,7 +46,7 @@ def teacher_token_mask(channel_names: Sequence[str], channel_weights: Tensor, re
 def exposure_counts(channel_names: Sequence[str], channel_weights: Tensor, response_mask: Tensor, *,
                     learned_rows: Tensor | None = None) -> tuple[int, int, int]:
     """``(response tokens, tokens under a teacher channel, such tokens in learned rows)`` of one batch: what
-    :meth:`ExposureTracker.add` accumulates (computed where the batch is, e.g. the routing task)."""
+    :meth:`ExposureTracker.add` accumulates (computed where the batch is, e.g. the routing stage)."""
     mask = response_mask.bool()
     under = teacher_token_mask(channel_names, channel_weights, mask)
     rows = torch.ones(mask.shape[0], dtype=torch.bool) if learned_rows is None else learned_rows.bool().cpu()

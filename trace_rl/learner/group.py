@@ -233,7 +233,7 @@ class LearnerGroup:
         sampling temperature, ``step`` the driver's 0-based step (learning-rate schedule).
         ``max_len``: the response budget of the seq-mean-token-sum-norm mode (default: the
         batch's padded response length). Returns the metrics reduced over ranks (see
-        :func:`reduce_metrics`). The training driver does not use this: its routing task cuts the
+        :func:`reduce_metrics`). The training driver does not use this: its routing stage cuts the
         shards where the batch is and calls :meth:`train_shards`.
         """
         import ray
@@ -434,6 +434,8 @@ def check_config(cfg: Any, err) -> None:
         err("learner.num_ranks", f"{lc.num_ranks} < 1", "use 1 or more")
     if lc.micro_batch_size < 1:
         err("learner.micro_batch_size", f"{lc.micro_batch_size} < 1", "use 1 or more")
+    if not -1 <= lc.nice <= 19:
+        err("learner.nice", f"{lc.nice} is outside -1..19", "use -1 (automatic), 0 (normal) or up to 19")
     batch = d.prompts_per_step * r.n
     per_update = a.num_mini_batches * max(lc.num_ranks, 1)
     if lc.num_ranks >= 1 and a.num_mini_batches >= 1 and per_update and batch % per_update:

@@ -201,6 +201,8 @@ class LearnerWorker(ColocationLog):
         n_threads = lc.threads_per_rank or max(1, _cores() // max(local_world_size, 1))
         torch.set_num_threads(n_threads)
         torch.manual_seed(self.seed)
+        if getattr(lc, "nice", 0) > 0:  # CPU scheduling priority below the rollout engines' (trace_rl.startup)
+            os.nice(int(lc.nice))
 
         on_gpu = lc.gpus_per_rank > 0
         if on_gpu:

@@ -1,10 +1,10 @@
 """The pipeline: the producer side of training (rollout -> reward -> annotate -> teacher -> advantage) as
-stage actors and Ray tasks joined by object refs, and the driver's small helpers around it.
+stage actors joined by object refs, and the driver's small helpers around it.
 
 - :mod:`.producer`: :class:`Producer`, the thread that draws a step's prompts, starts the engines and
-  chains each streamed chunk through the stages, then the routing task.
+  chains each streamed chunk through the stages, then the routing stage.
 - :mod:`.stages`: the reward / annotate / teacher stage actors and :class:`Stages`, the driver's handle.
-- :mod:`.route`: the ``advantage`` stage (method, filtering, padding, global counts, rank shards).
+- :mod:`.route`: the ``advantage`` stage, :class:`RouteStage` (method, filtering, padding, global counts, rank shards).
 - here: :class:`StepTimeline` (stage timings and idle time per role), :class:`DriverTraffic` (bytes the
   driver fetches and puts per step) and :func:`remote_verifier`.
 
@@ -30,7 +30,7 @@ class StepTimeline:
 
     ``timing_s/rollout`` is the wall time of the step's generation (first chunk started to last chunk
     handed on, over all engines); ``timing_s/<stage>`` (reward, annotate, teacher) the seconds that stage
-    was busy on the step; ``timing_s/advantage`` the routing task's. ``idle_s/rollout`` is how long the
+    was busy on the step; ``timing_s/advantage`` the routing stage's. ``idle_s/rollout`` is how long the
     engines sat without a request between the previous step's generation and this one's;
     ``idle_s/learner`` how long the learners waited for this step's data. :meth:`summary` adds them up
     over the run (busy seconds and busy fraction of the training loop per role).

@@ -4,8 +4,8 @@ The driver's loop asks for the rollout of a learner step (:meth:`Producer.reques
 that step's prompts, starts generation on every engine, and as each engine hands on a chunk of finished
 groups (a Ray streaming generator of object refs) chains the chunk through the stages the method needs
 at that step — reward, then annotate, then teacher — and, once the step's chunks are all chained, the
-routing task that cuts the learners' shards. It fetches nothing but the engines' stream items' refs: the
-data goes engine -> stage actors -> routing task -> learner ranks through the object store.
+routing stage that cuts the learners' shards. It fetches nothing but the engines' stream items' refs: the
+data goes engine -> stage actors -> routing stage -> learner ranks through the object store.
 
 How far it may run ahead is decided by when the driver asks: with ``trainer.max_staleness = k`` the
 driver asks for steps ``t+1 .. t+k`` before it trains step ``t``, and for step ``t+k+1`` only once the
@@ -44,11 +44,11 @@ class Producer:
     it per request); ``next()`` returns the produced steps in request order and re-raises a failure."""
 
     def __init__(self, *, pool: Any, stages: Any, learners: Any, sampler: Any, method: Any, params: dict,
-                 train_ids: list, train_problems: list, spec: Any, prompts_per_step: int, stream_chunks: int,
+                 prompts: Any, spec: Any, prompts_per_step: int, stream_chunks: int,
                  route_spec: Any, colocation: Any = None, temperature: float = 1.0, pad_token_id: int = 0):
         self.pool, self.stages, self.learners, self.sampler = pool, stages, learners, sampler
         self.method, self.params, self.spec = method, params, spec
-        self.train_ids, self.train_problems = train_ids, train_problems
+        self.prompts = prompts  # trace_rl.startup.PromptTable
         self.prompts_per_step, self.stream_chunks = int(prompts_per_step), int(stream_chunks)
         self.route_spec, self.colocation = route_spec, colocation
         self.temperature, self.pad_token_id = float(temperature), int(pad_token_id)
@@ -102,21 +102,20 @@ class Producer:
 
     def run_step(self, step: int) -> StepRollout:
         """Draw the prompts of ``step``, start the engines and chain every chunk through its stages, then the
-        routing task. Returns as soon as everything is submitted (the routing may still be running)."""
+        routing stage. Returns as soon as everything is submitted (the routing may still be running)."""
         import ray
 
         from trace_rl.algo import TEACHER_NEEDS
-        from trace_rl.pipeline.route import concat_task, route_task
 
         with self._lock:
             for old in [s for s in self._sampler_states if s < step]:
                 del self._sampler_states[old]
             self._sampler_states[step] = self.sampler.state_dict()
-            idx = self.sampler.next(self.prompts_per_step)
+            idx, prompts = self.prompts.draw(self.sampler, self.prompts_per_step)
         params = {**self.params, "step": step}
         needs = self.method.needs_at(step, params)
-        prompts = [self.train_ids[i] for i in idx]
-        meta = {"uid": [self.train_problems[i].uid for i in idx], "answer": [self.train_problems[i].answer for i in idx]}
+        problems = self.prompts.problems
+        meta = {"uid": [problems[i].uid for i in idx], "answer": [problems[i].answer for i in idx]}
         colocated = self.colocation is not None and self.colocation.enabled
         if colocated:
             self.colocation.to_engines()
@@ -148,11 +147,11 @@ class Producer:
             self.colocation.to_learners()
         parts, entropy = chunks, []
         if "entropy" in needs:
-            whole = concat_task().remote(self.pad_token_id, *chunks)
+            whole = st.route.concat.remote(self.pad_token_id, *chunks)
             parts = [whole]
             entropy = self.learners.entropy_refs(whole, len(prompts) * int(self.spec.n), self.temperature)
         spec = _with_step(self.route_spec, params, needs)
-        out = route_task(spec.num_ranks).remote(spec, len(parts), *parts, *entropy)
+        out = st.route.route.options(num_returns=spec.num_ranks + 1).remote(spec, len(parts), *parts, *entropy)
         return StepRollout(step=step, shards=list(out[:-1]), info=out[-1], engine_stats=engine_stats,
                            stage_stats=stage_stats, submitted=submitted, chained=chained)
 

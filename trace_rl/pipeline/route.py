@@ -1,9 +1,9 @@
 """The ``advantage`` stage: one step's finished chunks -> the learners' shards.
 
 :func:`route_batch` is a pure function (torch and the algorithm core only, tested without Ray); the
-pipeline runs it as a Ray task (:func:`route_task`) whose arguments are the chunks' object refs, so the
-batch goes from the stage actors to this task and from this task to the learner ranks without passing
-through the driver. What it does, in order:
+pipeline runs it in the :class:`RouteStage` actor, whose arguments are the chunks' object refs, so the
+batch goes from the stage actors to this actor and from it to the learner ranks without passing through
+the driver. What it does, in order:
 
 1. concatenate the step's chunks and order the rows by group (the order of the lockstep loop);
 2. run the method (``algorithm.name``) on rewards and whatever the method needs at the learner's step
@@ -12,7 +12,7 @@ through the driver. What it does, in order:
 4. pad to a multiple of ``num_ranks x num_mini_batches`` with zero-weight rows, compute every
    mini-batch's global token counts, and cut the rank shards (:func:`trace_rl.learner.group.shard_rows`).
 
-It returns the shards plus a :class:`RouteInfo`: the small summary the driver fetches (metrics, counts,
+The pipeline runs it in the :class:`RouteStage` actor. It returns the shards plus a :class:`RouteInfo`: the small summary the driver fetches (metrics, counts,
 versions), a few hundred bytes whatever the batch size.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from trace_rl.batch import Batch
 from trace_rl.learner.group import check_token_ids, shard_rows
 
-__all__ = ["RouteSpec", "RouteInfo", "route_batch", "route_task", "concat_task", "concat_chunks",
-           "pad_rows_to_multiple", "shard_rows"]
+__all__ = ["RouteSpec", "RouteInfo", "RouteStage", "route_batch", "concat_chunks", "pad_rows_to_multiple",
+           "shard_rows"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class RouteSpec:
     max_len: int                       # rollout.max_new_tokens (the seq-mean-token-sum-norm budget)
     pad_token_id: int
     vocab_size: int | None = None
+    sort_by_length: bool = False       # learner.sort_by_length: similar lengths share micro-batches
 
 
 @dataclass
@@ -75,6 +76,21 @@ def pad_rows_to_multiple(batch: Batch, multiple: int) -> Batch:
     pad.advantages = torch.zeros_like(pad.advantages)
     pad.meta = {k: [None] * extra for k in batch.meta}
     return Batch.concat([batch, pad], pad_token_id=0)
+
+
+def length_order(batch: Batch, num_mini_batches: int, num_ranks: int) -> torch.Tensor:
+    """A row order that puts rows of similar length into the same micro-batches without changing what any
+    mini-batch or rank trains on in total: within each mini-batch, rows sorted by length (longest first) are
+    dealt to the ranks in turn, so every rank gets a balanced, sorted share (its micro-batches, cut in
+    order, then need little padding; ``trace_rl.learner.policy.model_inputs`` trims the rest)."""
+    n = len(batch) // num_mini_batches
+    lengths = batch.response_mask.sum(1) + batch.prompt_mask.sum(1)
+    order = []
+    for m in range(num_mini_batches):
+        block = torch.arange(m * n, (m + 1) * n)
+        ranked = block[torch.sort(lengths[block], descending=True, stable=True).indices]
+        order.extend(ranked[r::num_ranks] for r in range(num_ranks))
+    return torch.cat(order)
 
 
 def concat_chunks(chunks: list[Batch], pad_token_id: int) -> Batch:
@@ -168,6 +184,8 @@ def route_batch(spec: RouteSpec, batch: Batch, entropy: torch.Tensor | None = No
     learn = batch.select(keep)
     info.versions = {int(v): int(c) for v, c in zip(*torch.unique(learn.policy_version, return_counts=True))}
     learn = pad_rows_to_multiple(learn, W * M)
+    if spec.sort_by_length:  # the loss is a sum with global normalisers: row order changes only float rounding
+        learn = learn.select(length_order(learn, M, W))
     learn.meta = {}  # never needed by the learner's math; not shipped to the ranks
     learn.validate()
     check_channels(learn)
@@ -179,30 +197,26 @@ def route_batch(spec: RouteSpec, batch: Batch, entropy: torch.Tensor | None = No
     return shards, info
 
 
-def _route(spec: RouteSpec, n_chunks: int, *parts: Any) -> tuple:
-    """Ray task body: ``parts`` = the step's ``n_chunks`` chunks (or one concatenated batch) followed, when
-    the method needs it, by the learner ranks' entropy pieces. Returns ``(*shards, info)``."""
-    chunks, ent = list(parts[:n_chunks]), list(parts[n_chunks:])
-    batch = concat_chunks(chunks, spec.pad_token_id)
-    entropy = torch.cat(ent)[:len(batch)] if ent else None
-    shards, info = route_batch(spec, batch, entropy)
-    return (*shards, info)
+class RouteStage:
+    """The routing stage as a Ray actor: one warm process (torch and the algorithm core imported once, at
+    start-up) that routes each step (:meth:`route`) and, for methods that need the learners to read the
+    whole batch first (entropy), concatenates the step's chunks (:meth:`concat`)."""
 
+    def ready(self) -> int:
+        import os
 
-def _concat(pad_token_id: int, *chunks: Batch) -> Batch:
-    return concat_chunks(list(chunks), pad_token_id)
+        from trace_rl.algo import compute_method  # noqa: F401 - import now, not in the first step
+        return os.getpid()
 
+    def route(self, spec: RouteSpec, n_chunks: int, *parts: Any) -> tuple:
+        """``parts`` = the step's ``n_chunks`` chunks (or one concatenated batch) followed, when the method
+        needs it, by the learner ranks' entropy pieces. Returns ``(*shards, info)`` (call it with
+        ``num_returns = num_ranks + 1``)."""
+        chunks, ent = list(parts[:n_chunks]), list(parts[n_chunks:])
+        batch = concat_chunks(chunks, spec.pad_token_id)
+        entropy = torch.cat(ent)[:len(batch)] if ent else None
+        shards, info = route_batch(spec, batch, entropy)
+        return (*shards, info)
 
-def route_task(num_ranks: int):
-    """The Ray remote of :func:`route_batch` returning ``num_ranks`` shard refs and the info ref."""
-    import ray
-
-    return ray.remote(_route).options(num_returns=num_ranks + 1, num_cpus=0)
-
-
-def concat_task():
-    """The Ray remote that concatenates a step's chunks (used when the learners must read the whole batch
-    before routing, e.g. to compute entropy)."""
-    import ray
-
-    return ray.remote(_concat).options(num_cpus=0)
+    def concat(self, pad_token_id: int, *chunks: Batch) -> Batch:
+        return concat_chunks(list(chunks), pad_token_id)

@@ -1,4 +1,4 @@
-"""The producer's stage actors: reward, annotate and teacher, each a Ray actor that reads a batch chunk
+"""The producer's stage actors: reward, annotate and teacher (and the routing stage of ``route.py``), each a Ray actor that reads a batch chunk
 (an object ref, resolved by Ray in the actor) and returns the chunk with its fields filled in, plus a
 small dict of counters. The driver only chains the refs: ``reward.score.remote(chunk_ref)`` and so on.
 
@@ -185,6 +185,7 @@ class TeacherStage(_Timed):
 class Stages:
     """The driver's handle on the stage actors of a training job (None where the job has no such stage)."""
     reward: Any
+    route: Any = None
     annotate: Any = None
     teacher: Any = None
     teacher_rows: str = "all"
@@ -196,13 +197,19 @@ class Stages:
     @classmethod
     def start(cls, cfg: Any, files: Any, services: Any, run_dir: Any, *, pool: Any, learners: Any = None,
               placement: Any = None, closers: list) -> "Stages":
-        """Start the reward stage, and the annotate / teacher stages when ``services`` (decided once by the
-        start-up from the method's needs) asks for them; wait until all are up; register their closers."""
+        """Start the reward and routing stages, and the annotate / teacher stages when ``services`` (decided
+        once by the start-up from the method's needs) asks for them; wait until all are up; register their
+        closers. ``pool`` / ``learners`` may be callables that return them once they are up (the stages start
+        beside them; only ``annotator=self`` needs the engines, only an EMA teacher the learners)."""
+        get_pool = pool if callable(pool) else (lambda: pool)
+        get_learners = learners if callable(learners) else (lambda: learners)
         import ray
 
         from trace_rl.algo import get_method
         from trace_rl.cluster import actor_env
         from trace_rl.tasks import instruction_for
+
+        from trace_rl.pipeline.route import RouteStage
 
         t0 = time.perf_counter()
         env = {"env_vars": {**actor_env(), "OMP_NUM_THREADS": "1"}}
@@ -212,8 +219,10 @@ class Stages:
         reward = ray.remote(RewardStage).options(**opts).remote(
             tok_path, trust_remote_code=trust, workers=cfg.trainer.verifier_workers,
             timeout_s=cfg.trainer.verifier_timeout_s)
-        stages = cls(reward=reward)
+        route = ray.remote(RouteStage).options(**opts).remote()
+        stages = cls(reward=reward, route=route)
         closers.append(("reward stage", lambda: _close_actor(reward)))
+        closers.append(("route stage", lambda: _close_actor(route)))
         problems_ref = ray.put({p.uid: p for p in files.train_problems})
         if services.annotator is not None:
             an = cfg.annotator
@@ -221,7 +230,8 @@ class Stages:
                 an = replace(an, cache_dir=str(run_dir / "annotator_cache"))
             stages.annotate = ray.remote(AnnotateStage).options(**opts).remote(
                 an, seed=cfg.trainer.seed, tokenizer_path=tok_path, trust_remote_code=trust, problems=problems_ref,
-                span_cap=cfg.annotator.span_cap, engines=list(pool.actors), pad_token_id=files.pad_id,
+                span_cap=cfg.annotator.span_cap, engines=list(get_pool().actors) if an.kind == "self" else [],
+                pad_token_id=files.pad_id,
                 max_model_len=files.max_model_len, placement=placement)
             closers.append(("annotator", lambda: _close_actor(stages.annotate)))
         if services.teacher:
@@ -241,10 +251,10 @@ class Stages:
             stages.teacher_rows, stages.resync_every, stages.teacher_kind = \
                 method.teacher_rows, int(tc.resync_every), tc.kind
             closers.append(("teacher", lambda: _close_actor(stages.teacher)))
-        ray.get([a.ready.remote() for a in (stages.reward, stages.annotate, stages.teacher) if a is not None],
-                timeout=cfg.cluster.placement_timeout_s + 600)
+        ray.get([a.ready.remote() for a in (stages.reward, stages.route, stages.annotate, stages.teacher)
+                 if a is not None], timeout=cfg.cluster.placement_timeout_s + 600)
         if services.teacher and cfg.teacher.ema_decay:  # seed the EMA with the initial policy
-            ray.get(stages.teacher.sync.remote([learners.state_dict_ref()], 0))
+            ray.get(stages.teacher.sync.remote([get_learners().state_dict_ref()], 0))
         stages.startup_s = time.perf_counter() - t0
         return stages
 
@@ -261,7 +271,8 @@ def _close_actor(actor: Any, timeout_s: float = 60.0) -> None:
     if actor is None:
         return
     try:
-        ray.get(actor.shutdown.remote(), timeout=timeout_s)
+        if hasattr(actor, "shutdown"):
+            ray.get(actor.shutdown.remote(), timeout=timeout_s)
     except Exception as e:  # already dead, or stuck: kill it anyway
         log.warning("stage shutdown: %s", e)
     try:

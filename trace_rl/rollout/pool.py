@@ -33,6 +33,15 @@ def engine_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def default_engine_threads(engine: str, *, shared_with: int = 0) -> int:
+    """CPU threads of an engine on a machine without GPUs. Alone on the machine while it generates (lockstep
+    training, evaluation) it takes every core; when it generates while ``shared_with`` other busy processes
+    run (asynchronous training: the learner ranks, the other engines) it takes its share of the cores, at
+    least one (oversubscribed threads only wait on each other; measured in docs/performance.md)."""
+    cores = max(1, os.cpu_count() or 1)
+    return cores if shared_with <= 0 else max(1, cores // (shared_with + 1))
+
+
 class EngineClient:
     """Generation over a list of engine actor handles: picklable, so a stage actor (``annotator=self``)
     can generate through the rollout engines without the pool object."""
@@ -62,11 +71,13 @@ class RolloutPool:
                  enforce_eager: bool = True, tensor_parallel_size: int = 1, cpus_per_engine: int = 1,
                  gpus_per_engine: float = 0.0, trust_remote_code: bool = False, pad_token_id: int = 0,
                  startup_timeout_s: float = 600.0, engine_kwargs: dict[str, Any] | None = None,
-                 placement: Any = None, role: str = "rollout", engine_options: dict[str, Any] | None = None):
+                 placement: Any = None, role: str = "rollout", engine_options: dict[str, Any] | None = None,
+                 threads_per_engine: int = 0, extra_env: dict[str, str] | None = None):
         """``placement``: a :class:`trace_rl.placement.Placement` whose ``role`` slots pin engine i to its
         bundle (None: plain ``num_cpus`` / ``num_gpus`` requests, anywhere on the cluster).
         ``engine_options``: extra arguments of the engine (``rollout.engine_options``: for vLLM, any
-        ``vllm.LLM`` argument)."""
+        ``vllm.LLM`` argument). ``threads_per_engine``: CPU threads of an engine without a GPU (0: see
+        :func:`default_engine_threads`); ``extra_env``: more environment variables of the engine actors."""
         import ray
 
         from trace_rl.cluster import actor_env
@@ -77,8 +88,8 @@ class RolloutPool:
         env = actor_env()
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if gpus_per_engine == 0:
-            # the engine runs while the learners wait: give it every core of the machine
-            env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+            env["OMP_NUM_THREADS"] = str(threads_per_engine or default_engine_threads(engine))
+        env.update(extra_env or {})
         cls = ray.remote(engine_class(engine))
         kwargs = dict(dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
@@ -227,6 +238,8 @@ def check_config(cfg: Any, err) -> None:
     if not (0 < r.gpu_memory_utilization <= 1):
         err("rollout.gpu_memory_utilization", f"{r.gpu_memory_utilization} is outside (0, 1]",
             "use 0.3 on CPU, 0.5-0.9 on GPUs")
+    if r.threads_per_engine < 0:
+        err("rollout.threads_per_engine", f"{r.threads_per_engine} < 0", "use 0 (automatic) or a number of threads")
     if r.stream_chunks < 1:
         err("rollout.stream_chunks", f"{r.stream_chunks} < 1",
             "use 1 (hand the batch on when it is complete) or more (stream finished groups in chunks)")
