@@ -70,6 +70,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         # (a bare ray.init() would join that one; to join it, pass its address or set RAY_ADDRESS)
         address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, namespace=namespace,
         include_dashboard=include_dashboard, runtime_env=runtime_env, log_to_driver=log_to_driver,
+        # no idle workers prestarted for the driver: every trace_rl actor sets its own runtime_env (thread
+        # counts), so none could use them, and on a small machine they cost start-up CPU (~1 s each)
+        _system_config={"prestart_worker_first_driver": False},
     )
     if include_dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"

@@ -100,11 +100,16 @@ def with_closers(body: Callable[[list], Any]) -> Any:
     try:
         return body(closers)
     finally:
+        took = []
         for name, close in reversed(closers):
+            t0 = time.perf_counter()
             try:
                 close()
             except Exception as e:  # a failing shutdown must not hide the job's own error
                 log.warning("shutting down %s failed: %s", name, e)
+            took.append(f"{name} {time.perf_counter() - t0:.1f} s")
+        if took:
+            log.info("shut down: %s", ", ".join(took))
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -127,10 +132,10 @@ def model_context(model_path: str) -> int | None:
 
 
 def load_tokenizer(cfg: Config, model_path: str):
-    from transformers import AutoTokenizer
+    from trace_rl.models.tokenizer import load_pretrained_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path,
-                                              trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_pretrained_tokenizer(cfg.model.tokenizer_path or model_path,
+                                          trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
 

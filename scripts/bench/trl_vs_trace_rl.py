@@ -474,11 +474,12 @@ def main(argv=None) -> int:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         usable = cores
-    wait_until_idle()
+    busy = wait_until_idle()
     load = os.getloadavg()
     header = [f"# trace_rl vs TRL GRPOTrainer ({_dt.datetime.now().isoformat(timespec='seconds')})", "",
-              f"- machine: {cores} cores ({usable} usable), load average at start {load[0]:.2f} / {load[1]:.2f} / "
-              f"{load[2]:.2f} (1 / 5 / 15 min)",
+              f"- machine: {cores} cores ({usable} usable), {100 * busy:.0f}% busy at start; every job starts once "
+              f"the CPUs were under 10% busy for a second (load average at start {load[0]:.2f} / {load[1]:.2f} / "
+              f"{load[2]:.2f}: 1 / 5 / 15-minute averages, which lag)",
               f"- {args.steps} steps per job, repeats {args.repeats} (medians shown); samples = steps x prompts "
               "x samples; tokens = generated completion tokens",
               "- training-loop s: TRL first step start -> last step end; trace_rl summary train_loop_s or "
@@ -489,9 +490,9 @@ def main(argv=None) -> int:
         header.append(f"- TRL {venv_info.get('trl')}, transformers {venv_info.get('transformers')}, "
                       f"torch {venv_info.get('torch')} (TRL venv {args.trl_venv})")
     warn = None
-    if load[0] > 1.0:
-        warn = (f"WARNING: load average {load[0]:.2f} > 1.0 at start: something else is using the CPUs, "
-                "timings are unreliable")
+    if busy > 0.1:
+        warn = (f"WARNING: the CPUs stayed {100 * busy:.0f}% busy for two minutes before the first job: something "
+                "else is using them, timings are unreliable")
         header.append(f"- **{warn}**")
         log(warn)
 

@@ -107,3 +107,50 @@ def test_bad_arguments():
         build_tokenizer([], vocab_size=300)
     with pytest.raises(TypeError, match="corpus item 1"):
         build_tokenizer(["ok", 3], vocab_size=300)  # type: ignore[list-item]
+
+
+def test_load_pretrained_tokenizer_equals_auto_tokenizer(small_tokenizer, tmp_path):
+    """The direct PreTrainedTokenizerFast load (start-up speed) builds what AutoTokenizer builds; a
+    checkpoint that names another class, or asks for remote code, goes through AutoTokenizer."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from trace_rl.models.tokenizer import load_pretrained_tokenizer
+
+    save_tokenizer(small_tokenizer, tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    fast, auto = load_pretrained_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert type(fast) is type(auto)
+    assert (fast.pad_token_id, fast.eos_token_id, fast.padding_side, len(fast)) == \
+        (auto.pad_token_id, auto.eos_token_id, auto.padding_side, len(auto))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[0]}]
+    assert fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for text in TEXTS:
+        ids = auto(text, add_special_tokens=False)["input_ids"]
+        assert fast(text, add_special_tokens=False)["input_ids"] == ids
+        assert fast.decode(ids + [fast.eos_token_id], skip_special_tokens=True) == \
+            auto.decode(ids + [auto.eos_token_id], skip_special_tokens=True)
+    # any other class name, or remote code: the AutoTokenizer path (a spy that calls through records it)
+    calls = []
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        calls.append(kw)
+        return real(cls, *a, **kw)
+
+    import transformers
+
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(spy))
+        load_pretrained_tokenizer(str(tmp_path))
+        assert calls == []  # PreTrainedTokenizerFast: loaded directly
+        conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**conf, "tokenizer_class": "Qwen2Tokenizer"}))
+        other = load_pretrained_tokenizer(str(tmp_path))
+        assert len(calls) == 1 and other(TEXTS[1], add_special_tokens=False)["input_ids"] == \
+            auto(TEXTS[1], add_special_tokens=False)["input_ids"]
+    finally:
+        monkeypatch.undo()

@@ -124,3 +124,29 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> Path:
             cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     return out
+
+
+def load_pretrained_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained(path)``, minus ~6 CPU-seconds of imports where it can be.
+
+    When the checkpoint's ``tokenizer_config.json`` names ``PreTrainedTokenizerFast`` (this project's
+    tokenizer, and any plain ``tokenizers``-backed one) and asks for no remote code, that class is what
+    ``AutoTokenizer`` would build; importing it directly skips the auto-class machinery, which imports
+    the configuration of every model family (measured here: 1.9 s vs 7.9 s wall, in each process that
+    loads a tokenizer: the driver and the reward / annotate stages). Anything else goes through
+    ``AutoTokenizer`` unchanged."""
+    cls_name = None
+    try:
+        with open(Path(path) / "tokenizer_config.json") as f:
+            conf = json.load(f)
+        if not conf.get("auto_map"):
+            cls_name = conf.get("tokenizer_class")
+    except (OSError, ValueError):
+        pass
+    if cls_name == "PreTrainedTokenizerFast" and not trust_remote_code:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -4,7 +4,7 @@ stage actors joined by object refs, and the driver's small helpers around it.
 - :mod:`.producer`: :class:`Producer`, the thread that draws a step's prompts, starts the engines and
   chains each streamed chunk through the stages, then the routing stage.
 - :mod:`.stages`: the reward / annotate / teacher stage actors and :class:`Stages`, the driver's handle.
-- :mod:`.route`: the ``advantage`` stage, :class:`RouteStage` (method, filtering, padding, global counts, rank shards).
+- :mod:`.route`: the ``advantage`` stage, :class:`RouteStage` (method, filtering, padding, global counts, rank shards), hosted by the reward stage's actor.
 - here: :class:`StepTimeline` (stage timings and idle time per role), :class:`DriverTraffic` (bytes the
   driver fetches and puts per step) and :func:`remote_verifier`.
 

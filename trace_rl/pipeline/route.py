@@ -1,7 +1,7 @@
 """The ``advantage`` stage: one step's finished chunks -> the learners' shards.
 
 :func:`route_batch` is a pure function (torch and the algorithm core only, tested without Ray); the
-pipeline runs it in the :class:`RouteStage` actor, whose arguments are the chunks' object refs, so the
+pipeline runs it in the reward stage's actor (:class:`RouteStage` methods, see ``_reward_route_stage``), whose arguments are the chunks' object refs, so the
 batch goes from the stage actors to this actor and from it to the learner ranks without passing through
 the driver. What it does, in order:
 
@@ -12,7 +12,7 @@ the driver. What it does, in order:
 4. pad to a multiple of ``num_ranks x num_mini_batches`` with zero-weight rows, compute every
    mini-batch's global token counts, and cut the rank shards (:func:`trace_rl.learner.group.shard_rows`).
 
-The pipeline runs it in the :class:`RouteStage` actor. It returns the shards plus a :class:`RouteInfo`: the small summary the driver fetches (metrics, counts,
+The pipeline runs it in the reward stage's actor. It returns the shards plus a :class:`RouteInfo`: the small summary the driver fetches (metrics, counts,
 versions), a few hundred bytes whatever the batch size.
 """
 from __future__ import annotations
@@ -220,3 +220,19 @@ class RouteStage:
 
     def concat(self, pad_token_id: int, *chunks: Batch) -> Batch:
         return concat_chunks(list(chunks), pad_token_id)
+
+
+def _reward_route_stage():
+    from trace_rl.pipeline.stages import RewardStage
+
+    class RewardRouteStage(RewardStage, RouteStage):
+        """The reward and the routing stage in one actor process: one Python process, torch and the algorithm
+        core fewer to start (about 5 CPU-seconds of a 2-core machine's start-up). Safe to share: the producer
+        submits a step's routing after every reward call of that step and before any of the next step's, so a
+        routing call never queues behind a chunk that is still being generated."""
+
+        def ready(self) -> int:
+            return RouteStage.ready(self)
+
+    return RewardRouteStage
+

@@ -33,9 +33,9 @@ __all__ = ["RewardStage", "AnnotateStage", "TeacherStage", "Stages"]
 
 
 def _tokenizer(path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+    from trace_rl.models.tokenizer import load_pretrained_tokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return load_pretrained_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 class _Timed:
@@ -209,20 +209,19 @@ class Stages:
         from trace_rl.cluster import actor_env
         from trace_rl.tasks import instruction_for
 
-        from trace_rl.pipeline.route import RouteStage
+        from trace_rl.pipeline.route import _reward_route_stage
 
         t0 = time.perf_counter()
         env = {"env_vars": {**actor_env(), "OMP_NUM_THREADS": "1"}}
         tok_path = cfg.model.tokenizer_path or files.model_path
         trust = cfg.model.trust_remote_code
         opts = dict(num_cpus=0, runtime_env=env)  # they mostly wait: no CPU reservation that could starve a plan
-        reward = ray.remote(RewardStage).options(**opts).remote(
+        # reward and routing share one actor process (route.py, _reward_route_stage)
+        reward = ray.remote(_reward_route_stage()).options(**opts).remote(
             tok_path, trust_remote_code=trust, workers=cfg.trainer.verifier_workers,
             timeout_s=cfg.trainer.verifier_timeout_s)
-        route = ray.remote(RouteStage).options(**opts).remote()
-        stages = cls(reward=reward, route=route)
-        closers.append(("reward stage", lambda: _close_actor(reward)))
-        closers.append(("route stage", lambda: _close_actor(route)))
+        stages = cls(reward=reward, route=reward)
+        closers.append(("reward and routing stage", lambda: _close_actor(reward)))
         problems_ref = ray.put({p.uid: p for p in files.train_problems})
         if services.annotator is not None:
             an = cfg.annotator
@@ -251,7 +250,7 @@ class Stages:
             stages.teacher_rows, stages.resync_every, stages.teacher_kind = \
                 method.teacher_rows, int(tc.resync_every), tc.kind
             closers.append(("teacher", lambda: _close_actor(stages.teacher)))
-        ray.get([a.ready.remote() for a in (stages.reward, stages.route, stages.annotate, stages.teacher)
+        ray.get([a.ready.remote() for a in (stages.reward, stages.annotate, stages.teacher)
                  if a is not None], timeout=cfg.cluster.placement_timeout_s + 600)
         if services.teacher and cfg.teacher.ema_decay:  # seed the EMA with the initial policy
             ray.get(stages.teacher.sync.remote([get_learners().state_dict_ref()], 0))

@@ -131,8 +131,16 @@ def _shutdown(workers: list[_Worker], owner_pid: int) -> None:
     """Stop every worker (used by close(), the GC finaliser and atexit)."""
     if os.getpid() != owner_pid:  # a forked copy of the owner (e.g. a fork-based data loader) owns nothing
         return
+    # ask every idle worker to exit first, so that they wind down together rather than one after another
+    for w in workers:
+        if w.proc.is_alive() and w.job is None and w.ready:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+    deadline = time.monotonic() + 0.5  # stateless workers: half a second to exit cleanly, then SIGKILL
     while workers:
-        _stop_worker(workers.pop())
+        _stop_worker(workers.pop(), grace_s=max(0.0, deadline - time.monotonic()))
 
 
 class VerifierPool:
