@@ -161,21 +161,14 @@ def tokenize_prompts(problems, tokenizer, max_prompt_length: int, task: str,
     Qwen3's thinking mode) are passed to ``tokenizer.apply_chat_template``; without them the prompt is
     exactly ``render_prompt``'s.
     """
-    kwargs = dict(chat_template_kwargs or {})
-    if kwargs and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"model.chat_template_kwargs={kwargs} needs a tokenizer with a chat_template; "
-                         f"{type(tokenizer).__name__} has none (load a chat/instruct checkpoint)")
     problems = list(problems)
-    if not problems:
-        return [], [], 0
-    texts = [render(p, tokenizer, task, kwargs) for p in problems]
     kept, ids, dropped = [], [], 0
-    for p, tok in zip(problems, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+    for p, tok in zip(problems, prompt_token_ids(problems, tokenizer, task, chat_template_kwargs)):
         if len(tok) > max_prompt_length:
             dropped += 1
             continue
         kept.append(p)
-        ids.append(list(tok))
+        ids.append(tok)
     return kept, ids, dropped
 
 
@@ -200,8 +193,9 @@ class PromptTable:
         """Token ids of the prompts at ``indices`` (None: longer than the limit)."""
         todo = [i for i in dict.fromkeys(indices) if i not in self._ids]
         if todo:
-            texts = [render(self.problems[i], self.tokenizer, self.task, self.chat_template_kwargs) for i in todo]
-            for i, ids in zip(todo, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            fresh = prompt_token_ids([self.problems[i] for i in todo], self.tokenizer, self.task,
+                                     self.chat_template_kwargs)
+            for i, ids in zip(todo, fresh):
                 if len(ids) > self.max_prompt_length:
                     self._ids[i] = None
                     self.dropped += 1
@@ -210,7 +204,7 @@ class PromptTable:
                                     "such prompt is skipped and counted in data/prompts_dropped; raise the limit "
                                     "to keep them)", self.problems[i].uid, len(ids), self.max_prompt_length)
                 else:
-                    self._ids[i] = list(ids)
+                    self._ids[i] = ids
         return [self._ids[i] for i in indices]
 
     def draw(self, sampler: Any, k: int) -> tuple[list[int], list[list[int]]]:
@@ -226,6 +220,19 @@ class PromptTable:
                     idx.append(i)
                     ids.append(t)
         return idx, ids
+
+
+def prompt_token_ids(problems: list, tokenizer: Any, task: str,
+                     chat_template_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
+    """Every problem's prompt (:func:`render`) tokenized in one batch call, lengths unchecked."""
+    kwargs = dict(chat_template_kwargs or {})
+    if kwargs and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"model.chat_template_kwargs={kwargs} needs a tokenizer with a chat_template; "
+                         f"{type(tokenizer).__name__} has none (load a chat/instruct checkpoint)")
+    if not problems:
+        return []
+    texts = [render(p, tokenizer, task, kwargs) for p in problems]
+    return [list(t) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def render(problem: Any, tokenizer: Any, task: str, chat_template_kwargs: dict[str, Any] | None = None) -> str:
@@ -321,7 +328,7 @@ def engine_threads(cfg: Config, *, training: bool = True) -> int:
     if r.threads_per_engine:
         return int(r.threads_per_engine)
     busy = (cfg.learner.num_ranks + r.num_engines - 1) if training and cfg.trainer.max_staleness > 0 else 0
-    return default_engine_threads(r.engine, shared_with=busy)
+    return default_engine_threads(shared_with=busy)
 
 
 def cpu_kv_cache_gib(cfg: Config, model_path: str, max_model_len: int, max_seqs: int) -> int | None:
@@ -527,7 +534,7 @@ def wants_help() -> bool:
 
 
 __all__ = ["ServiceSet", "decide_services", "validate", "subsystem_checks", "with_closers", "resolve_model_path",
-           "model_context", "load_tokenizer", "load_split", "tokenize_prompts", "render", "PromptTable", "Files",
+           "model_context", "load_tokenizer", "load_split", "tokenize_prompts", "prompt_token_ids", "render", "PromptTable", "Files",
            "load_files", "make_run_dir",
            "start_cluster", "start_cluster_and_load_files", "start_rollout_pool", "algorithm_for_learners",
            "engine_threads", "TrainingServices",

@@ -1,9 +1,9 @@
 """The ``advantage`` stage: one step's finished chunks -> the learners' shards.
 
 :func:`route_batch` is a pure function (torch and the algorithm core only, tested without Ray); the
-pipeline runs it in the reward stage's actor (:class:`RouteStage` methods, see ``_reward_route_stage``), whose arguments are the chunks' object refs, so the
-batch goes from the stage actors to this actor and from it to the learner ranks without passing through
-the driver. What it does, in order:
+pipeline runs it in the reward stage's actor (the :class:`RouteStage` methods, mixed in by
+``_reward_route_stage``) with the chunks' object refs as arguments, so the batch goes from the stage
+actors to that actor and from it to the learner ranks without passing through the driver. What it does, in order:
 
 1. concatenate the step's chunks and order the rows by group (the order of the lockstep loop);
 2. run the method (``algorithm.name``) on rewards and whatever the method needs at the learner's step
@@ -12,7 +12,7 @@ the driver. What it does, in order:
 4. pad to a multiple of ``num_ranks x num_mini_batches`` with zero-weight rows, compute every
    mini-batch's global token counts, and cut the rank shards (:func:`trace_rl.learner.group.shard_rows`).
 
-The pipeline runs it in the reward stage's actor. It returns the shards plus a :class:`RouteInfo`: the small summary the driver fetches (metrics, counts,
+It returns the shards plus a :class:`RouteInfo`: the small summary the driver fetches (metrics, counts,
 versions), a few hundred bytes whatever the batch size.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The producer's stage actors: reward, annotate and teacher (and the routing stage of ``route.py``), each a Ray actor that reads a batch chunk
-(an object ref, resolved by Ray in the actor) and returns the chunk with its fields filled in, plus a
+"""The producer's stage actors: reward (which also hosts the routing of ``route.py``), annotate and teacher,
+each a Ray actor that reads a batch chunk (an object ref, resolved by Ray in the actor) and returns the chunk with its fields filled in, plus a
 small dict of counters. The driver only chains the refs: ``reward.score.remote(chunk_ref)`` and so on.
 
 =========  ===============================================================================  =============
@@ -191,7 +191,6 @@ class Stages:
     teacher_rows: str = "all"
     resync_every: int = 0
     teacher_kind: str = "self"
-    startup_s: float = 0.0
     _closers: list = field(default_factory=list, repr=False)
 
     @classmethod
@@ -211,7 +210,6 @@ class Stages:
 
         from trace_rl.pipeline.route import _reward_route_stage
 
-        t0 = time.perf_counter()
         env = {"env_vars": {**actor_env(), "OMP_NUM_THREADS": "1"}}
         tok_path = cfg.model.tokenizer_path or files.model_path
         trust = cfg.model.trust_remote_code
@@ -254,7 +252,6 @@ class Stages:
                  if a is not None], timeout=cfg.cluster.placement_timeout_s + 600)
         if services.teacher and cfg.teacher.ema_decay:  # seed the EMA with the initial policy
             ray.get(stages.teacher.sync.remote([get_learners().state_dict_ref()], 0))
-        stages.startup_s = time.perf_counter() - t0
         return stages
 
     def wants_teacher_sync(self, step: int) -> bool:
@@ -270,8 +267,7 @@ def _close_actor(actor: Any, timeout_s: float = 60.0) -> None:
     if actor is None:
         return
     try:
-        if hasattr(actor, "shutdown"):
-            ray.get(actor.shutdown.remote(), timeout=timeout_s)
+        ray.get(actor.shutdown.remote(), timeout=timeout_s)
     except Exception as e:  # already dead, or stuck: kill it anyway
         log.warning("stage shutdown: %s", e)
     try:

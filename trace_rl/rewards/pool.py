@@ -110,13 +110,21 @@ class _Worker:
     deadline: float = math.inf
 
 
-def _stop_worker(w: _Worker, grace_s: float = 1.0) -> None:
-    """Ask a worker to exit, then SIGKILL it if it has not within ``grace_s``; always reap it."""
-    if w.proc.is_alive() and w.job is None and w.ready:
-        try:
-            w.conn.send(None)
-        except (OSError, ValueError):
-            pass
+def _ask_to_exit(w: _Worker) -> bool:
+    """Send an idle, live worker the exit message; False when it cannot take one (busy, dead, starting)."""
+    if not (w.proc.is_alive() and w.job is None and w.ready):
+        return False
+    try:
+        w.conn.send(None)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _stop_worker(w: _Worker, grace_s: float = 1.0, *, asked: bool = False) -> None:
+    """Ask a worker to exit (unless ``asked`` already), then SIGKILL it if it has not within ``grace_s``;
+    always reap it."""
+    if asked or _ask_to_exit(w):
         w.proc.join(grace_s)
     if w.proc.is_alive():
         w.proc.kill()
@@ -132,15 +140,11 @@ def _shutdown(workers: list[_Worker], owner_pid: int) -> None:
     if os.getpid() != owner_pid:  # a forked copy of the owner (e.g. a fork-based data loader) owns nothing
         return
     # ask every idle worker to exit first, so that they wind down together rather than one after another
-    for w in workers:
-        if w.proc.is_alive() and w.job is None and w.ready:
-            try:
-                w.conn.send(None)
-            except (OSError, ValueError):
-                pass
+    asked = {id(w) for w in workers if _ask_to_exit(w)}
     deadline = time.monotonic() + 0.5  # stateless workers: half a second to exit cleanly, then SIGKILL
     while workers:
-        _stop_worker(workers.pop(), grace_s=max(0.0, deadline - time.monotonic()))
+        w = workers.pop()
+        _stop_worker(w, grace_s=max(0.0, deadline - time.monotonic()), asked=id(w) in asked)
 
 
 class VerifierPool:

@@ -33,7 +33,7 @@ def engine_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def default_engine_threads(engine: str, *, shared_with: int = 0) -> int:
+def default_engine_threads(*, shared_with: int = 0) -> int:
     """CPU threads of an engine on a machine without GPUs. Alone on the machine while it generates (lockstep
     training, evaluation) it takes every core; when it generates while ``shared_with`` other busy processes
     run (asynchronous training: the learner ranks, the other engines) it takes its share of the cores, at
@@ -88,7 +88,7 @@ class RolloutPool:
         env = actor_env()
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if gpus_per_engine == 0:
-            env["OMP_NUM_THREADS"] = str(threads_per_engine or default_engine_threads(engine))
+            env["OMP_NUM_THREADS"] = str(threads_per_engine or default_engine_threads())
         env.update(extra_env or {})
         cls = ray.remote(engine_class(engine))
         kwargs = dict(dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
