@@ -160,8 +160,10 @@ class RolloutConfig:
     """Response length cap, in tokens."""
     gpu_memory_utilization: float = 0.3
     """vLLM's memory fraction (on CPU: the KV-cache budget as a fraction of memory)."""
-    enforce_eager: bool = True
-    """vLLM: skip graph capture (faster start-up; turn off on GPUs for throughput)."""
+    enforce_eager: bool = False
+    """vLLM: run the model eagerly, without torch.compile (and CUDA graphs on GPUs). Off by default, as in
+    vLLM: the compiled model generates ~1.5x faster on CPU (docs/performance.md). The first start on a
+    machine compiles (~40 s for the tiny model on 2 cores); later starts read torch's inductor cache."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism per engine."""
     cpus_per_engine: int = 1

@@ -24,7 +24,12 @@ import time
 # name -> (engine, environment, engine kwargs)
 SETTINGS = {
     "hf": ("hf", {}, {}),
+    # vLLM as the job builds it: compiled (rollout.enforce_eager=false), the inductor cache without vLLM's AOT
+    # artefacts (VLLM_USE_AOT_COMPILE=0, as RolloutPool sets it on CPU), all cores
     "vllm-default": ("vllm", {}, {}),
+    "vllm-eager": ("vllm", {}, {"enforce_eager": True}),
+    "vllm-1t-eager": ("vllm", {"OMP_NUM_THREADS": "1"}, {"enforce_eager": True}),
+    "vllm-1t-aot": ("vllm", {"OMP_NUM_THREADS": "1", "VLLM_USE_AOT_COMPILE": "1"}, {}),
     "vllm-detokenize": ("vllm", {}, {"detokenize": True}),
     "vllm-no-prefix-cache": ("vllm", {}, {"enable_prefix_caching": False}),
     "vllm-1-thread": ("vllm", {"OMP_NUM_THREADS": "1"}, {}),
@@ -90,7 +95,8 @@ def main() -> None:
     print(f"cores {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}", flush=True)
     for shape in args.shapes.split(","):
         for setting in args.only.split(","):
-            env = {**os.environ, **SETTINGS[setting][1], "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"}
+            env = {**os.environ, "VLLM_USE_AOT_COMPILE": "0", **SETTINGS[setting][1], "VLLM_LOGGING_LEVEL": "ERROR",
+                   "TQDM_DISABLE": "1"}
             r = subprocess.run([sys.executable, __file__, "--child", setting, shape, "--repeats", str(args.repeats)],
                                capture_output=True, text=True, env=env, timeout=1800)
             line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -197,7 +197,8 @@ def test_torch_backend_single_rank_matches_reference_with_mini_batches_and_epoch
 
     algo = AlgorithmConfig(lr=2e-3, kl_coef=0.0, entropy_coef=0.0, old_logprobs="recompute", grad_clip=1.0,
                            num_mini_batches=2, ppo_epochs=2, warmup_steps=3, loss_agg_mode="seq-mean-token-mean")
-    lc = LearnerConfig(backend="torch", num_ranks=1, micro_batch_size=2, logprob_chunk_size=7, threads_per_rank=1)
+    lc = LearnerConfig(backend="torch", num_ranks=1, micro_batch_size=2, logprob_chunk_size=7, threads_per_rank=1,
+                       nice=3)
     batch = make_batch(B=8, seed=5)
     ref = Reference(model_dir, algo)
     old = ref.old_logprobs(batch, T)
@@ -207,6 +208,11 @@ def test_torch_backend_single_rank_matches_reference_with_mini_batches_and_epoch
         for m, mini in enumerate(minis):
             ref_norms.append(ref.update(mini, T, old=old[4 * m: 4 * m + 4])[1])
     with LearnerGroup(lc, algo, ModelConfig(), model_dir) as group:
+        # learner.nice: the rank runs niced from its first instruction (not only once set up), 3 steps below a
+        # plain Ray worker (Ray starts its workers niced itself)
+        base = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
+        ping = ray.get(group.actors[0].ping.remote())
+        assert ping["nice_at_start"] == ping["nice"] == min(base + 3, 19)
         metrics = group.train(batch, temperature=T, step=0)
         assert metrics["updates"] == 4 and metrics["lr"] == pytest.approx(2e-3)
         assert metrics["grad_norm"] == pytest.approx(sum(ref_norms) / 4, rel=1e-5)

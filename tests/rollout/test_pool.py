@@ -45,6 +45,8 @@ def test_generate_batch_layout_and_behaviour_logprobs(pool, tiny_random_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_random_model)
     prompts = _prompts(tok)
+    if pool.engine == "vllm":  # the default engine is compiled (rollout.enforce_eager=false): the checks below hold
+        assert all(info["compiled"] for info in pool.infos)
     for temperature in (1.0, 0.7):
         batch = pool.generate(prompts, {"n": 3, "temperature": temperature, "max_new_tokens": 24}, version=5,
                               meta={"uid": ["a", "b", "c", "d"]})

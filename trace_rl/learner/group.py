@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import sys
 import threading
 import time
 from typing import Any
@@ -123,7 +125,11 @@ class LearnerGroup:
         t0 = time.perf_counter()
 
         remote_cls = ray.remote(LearnerWorker)
-        env = {"env_vars": actor_env()}
+        env: dict[str, Any] = {"env_vars": actor_env()}
+        if int(learner_cfg.nice) > 0 and shutil.which("nice"):
+            # lower priority from the rank's first instruction: its start-up (imports, model, DeepSpeed) then
+            # yields the cores to the engines', which is the longer one (setup() nices again where this is off)
+            env["py_executable"] = f"nice -n {int(learner_cfg.nice)} {sys.executable}"
         self.placement = placement
         if placement is not None:
             # the caller's plan (trace_rl.placement): rank r on its slot's bundle, maybe shared with an engine

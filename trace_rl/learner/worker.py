@@ -160,6 +160,7 @@ class LearnerWorker(ColocationLog):
         self._hf_ds_config = None  # HfDeepSpeedConfig must stay alive for ZeRO-3 loading
         self._ready = False
         self.timings: dict[str, float] = {}
+        self.nice_at_start = os.getpriority(os.PRIO_PROCESS, 0)  # before setup(); LearnerGroup may start it niced
         # weight sync (trace_rl/sync): bucket plans by group name, rank 0's groups / store sockets, IPC buffers
         self._weight_plans: dict[str, list] = {}
         self._weight_groups: dict[str, Any] = {}
@@ -168,9 +169,11 @@ class LearnerWorker(ColocationLog):
 
     # ------------------------------------------------------------------------------ set-up
     def ping(self) -> dict[str, Any]:
-        """Liveness and placement: rank, pid, torch threads, whether setup finished."""
+        """Liveness and placement: rank, pid, torch threads, whether setup finished, CPU niceness (now and when
+        the actor was created)."""
         return {"rank": self.rank, "pid": os.getpid(), "threads": torch.get_num_threads(), "ready": self._ready,
-                "device": str(self.device)}
+                "device": str(self.device), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                "nice_at_start": self.nice_at_start}
 
     def node_info(self) -> dict[str, Any]:
         """This actor's node IP (Ray's view; 127.0.0.1 in-process) and its visible GPUs."""
@@ -202,7 +205,9 @@ class LearnerWorker(ColocationLog):
         torch.set_num_threads(n_threads)
         torch.manual_seed(self.seed)
         if getattr(lc, "nice", 0) > 0:  # CPU scheduling priority below the rollout engines' (trace_rl.startup)
-            os.nice(int(lc.nice))
+            current = os.getpriority(os.PRIO_PROCESS, 0)  # already lowered where the group started it niced
+            if current < int(lc.nice):
+                os.nice(int(lc.nice) - current)
 
         on_gpu = lc.gpus_per_rank > 0
         if on_gpu:

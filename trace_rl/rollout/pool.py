@@ -68,7 +68,7 @@ class EngineClient:
 class RolloutPool:
     def __init__(self, model_path: str, *, engine: str = "vllm", num_engines: int = 1, dtype: str = "float32",
                  seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
-                 enforce_eager: bool = True, tensor_parallel_size: int = 1, cpus_per_engine: int = 1,
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1, cpus_per_engine: int = 1,
                  gpus_per_engine: float = 0.0, trust_remote_code: bool = False, pad_token_id: int = 0,
                  startup_timeout_s: float = 600.0, engine_kwargs: dict[str, Any] | None = None,
                  placement: Any = None, role: str = "rollout", engine_options: dict[str, Any] | None = None,
@@ -89,6 +89,10 @@ class RolloutPool:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if gpus_per_engine == 0:
             env["OMP_NUM_THREADS"] = str(threads_per_engine or default_engine_threads())
+            # vLLM's ahead-of-time compile cache cannot be read back with this torch on CPU ("'function'
+            # object has no attribute 'finalize_loading'": a full recompile, ~30 s, every start); its
+            # inductor cache can (~7 s). Only matters with rollout.enforce_eager=false.
+            env.setdefault("VLLM_USE_AOT_COMPILE", os.environ.get("VLLM_USE_AOT_COMPILE", "0"))
         env.update(extra_env or {})
         cls = ray.remote(engine_class(engine))
         kwargs = dict(dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,

@@ -107,7 +107,7 @@ class VLLMEngine(ColocationLog):
     """One vLLM engine. Methods are called through Ray (see ``RolloutPool``)."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0,
-                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
+                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None,
                  trust_remote_code: bool = False, engine_index: int = 0, max_logprobs: int = 20,
                  enable_sleep_mode: bool = False, distributed_executor_backend: str | None = None,
@@ -315,7 +315,7 @@ class VLLMEngine(ColocationLog):
 
     def info(self) -> dict[str, Any]:
         return {"engine": "vllm", "startup_s": self.startup_s, "warmup_s": self.warmup_s, "version": self._version,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "compiled": not self.llm.llm_engine.vllm_config.model_config.enforce_eager}
 
     # ------------------------------------------------------------------ colocation (trace_rl.placement)
     def sleep(self, level: int = 1) -> dict[str, Any]:
