@@ -124,6 +124,25 @@ def test_dockerfile_build_args_and_copies():
     assert instrs[-1][0] == "CMD" and any(w == "USER" for w, _ in instrs)
 
 
+def test_image_and_gpu_extra_agree_with_the_declared_gpu_stack():
+    """One GPU stack (pyproject.toml [tool.trace_rl.gpu-stack], checked against pip's resolution by
+    scripts/check_gpu_stack.py): the extra pins its vllm, the image installs that vllm on that CUDA, and the
+    cluster guide names the same image and driver floor."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    stack = pyproject["tool"]["trace_rl"]["gpu-stack"]
+    gpu = extra_requirements(pyproject["project"]["optional-dependencies"], "gpu")
+    vllm = [r for r in gpu if canonicalize_name(r.name) == "vllm"]
+    assert len(vllm) == 1 and str(vllm[0].specifier) == f"=={stack['vllm']}", \
+        f"the gpu extra must pin vllm=={stack['vllm']} (an open range resolves to another torch / CUDA): {vllm}"
+    args = arg_defaults(instructions(DOCKERFILE.read_text()))
+    assert args["VLLM_VERSION"] == stack["vllm"]
+    assert args["CUDA_IMAGE"] == stack["cuda_image"]
+    tag = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-devel-ubuntu[\d.]+", args["CUDA_IMAGE"])
+    assert tag and f"{tag.group(1)}.{tag.group(2)}" == stack["cuda"], (args["CUDA_IMAGE"], stack["cuda"])
+    guide = (REPO / "docs" / "cluster.md").read_text()
+    assert stack["cuda_image"] in guide and f">= {stack['min_driver']}" in guide
+
+
 def test_instruction_parser_on_a_sample():
     sample = ("ARG V=1.2\n# comment\nRUN a && pip install \\\n    -e \".[gpu]\" \"vllm==${V}\"\n"
               "RUN /opt/venv/bin/pip install --no-deps x; echo\n")

@@ -108,3 +108,52 @@ def test_prompt_table_tokenizes_when_drawn_and_skips_long_prompts(tiny_random_mo
     assert table.dropped == sum(len(ids[i]) > limit for i in PromptSampler(40, seed=0).next(sampler.position))
     with pytest.raises(ValueError, match="max_prompt_length"):
         PromptTable(problems, tok, 1, "arith").draw(PromptSampler(40, seed=0), 1)
+
+
+def _model_dir(tmp_path, name: str, context: int) -> str:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(f'{{"max_position_embeddings": {context}}}')
+    return str(d)
+
+
+def test_engine_contexts_stay_within_each_models_context(tmp_path):
+    """The self-annotating TRACE recipe's lengths on a 40,960-token model: the rollout engine's context grows for
+    the annotator's longer prompts but stops at the model's limit, the teacher's gets its privileged-prompt
+    allowance within its own model's limit (the engines refuse anything longer)."""
+    from trace_rl.startup import engine_contexts
+
+    policy = _model_dir(tmp_path, "policy", 40960)
+    cfg = to_config({"algorithm": {"name": "trace"}, "annotator": {"kind": "self", "max_new_tokens": 2048},
+                     "data": {"max_prompt_length": 1024}, "rollout": {"max_new_tokens": 8192},
+                     "eval": {"max_new_tokens": 4096}})
+    # annotator prompts: up to 4 x (prompt + response) + its reply; the teacher: 2 x max_prompt_length more
+    assert engine_contexts(cfg, policy, decide_services(cfg)) == (4 * (1024 + 8192) + 2048, 1024 + 8192 + 2 * 1024)
+    long_prompts = to_config({**cfg_dict(cfg), "data": {"max_prompt_length": 16384}, "rollout": {"max_new_tokens": 16384}})
+    rollout, teacher = engine_contexts(long_prompts, policy, decide_services(long_prompts))
+    assert rollout == teacher == 40960  # 32,768 + 2 x 16,384 of privileged context, capped
+    small_teacher = to_config({**cfg_dict(cfg), "teacher": {"model_path": _model_dir(tmp_path, "teacher", 4096)}})
+    assert engine_contexts(small_teacher, policy, decide_services(small_teacher))[1] == 4096
+    grpo = to_config({"data": {"max_prompt_length": 256}, "rollout": {"max_new_tokens": 128}})
+    assert engine_contexts(grpo, policy, decide_services(grpo)) == (256 + 160, None)  # eval.max_new_tokens 160
+
+
+def test_a_rollout_longer_than_the_models_context_is_a_config_error(tmp_path):
+    from trace_rl.startup import engine_contexts
+
+    policy = _model_dir(tmp_path, "policy", 1024)
+    cfg = to_config({"data": {"max_prompt_length": 1056}, "rollout": {"max_new_tokens": 200}})
+    with pytest.raises(ConfigError, match=r"data.max_prompt_length \+ rollout.max_new_tokens: 1056 \+ 200 = 1256 "
+                                          r"tokens is more than the model's context \(1024"):
+        engine_contexts(cfg, policy, decide_services(cfg))
+    cfg = to_config({"data": {"max_prompt_length": 512}, "rollout": {"max_new_tokens": 128},
+                     "eval": {"max_new_tokens": 600}})
+    with pytest.raises(ConfigError, match="eval.max_new_tokens"):
+        engine_contexts(cfg, policy, decide_services(cfg))
+
+
+def cfg_dict(cfg) -> dict:
+    import dataclasses
+
+    return {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if dataclasses.is_dataclass(getattr(cfg, f.name))}

@@ -108,18 +108,30 @@ class TeacherScorer:
         labels = batch.meta.get("label") or [None] * len(batch)
         idx = list(range(len(batch))) if rows is None else rows.nonzero().flatten().tolist()
         resp = responses(batch)
-        prompts = [self.teacher_prompt(batch.meta["uid"][i], labels[i]) for i in idx]
+        prompts = {i: self.teacher_prompt(batch.meta["uid"][i], labels[i]) for i in idx}
+        # a privileged prompt + response longer than the teacher's context cannot be scored: the row is
+        # marked (meta "teacher_skipped") and routing keeps the teacher away from it (trace_rl.pipeline.route)
+        limit = getattr(self.teacher, "max_model_len", None)
+        skipped = [False] * len(batch)
+        if limit:
+            for i in idx:
+                skipped[i] = len(prompts[i]) + len(resp[i]) > limit
+            idx = [i for i in idx if not skipped[i]]
         B, R = len(batch), batch.response_len
         out = self.teacher.empty(B, R)
         if idx:
-            scored = self.teacher.score(prompts, [resp[i] for i in idx], R)
+            scored = self.teacher.score([prompts[i] for i in idx], [resp[i] for i in idx], R)
             for k, v in scored.items():
                 out[k][idx] = v
-        mask = batch.response_mask if rows is None else batch.response_mask & rows[:, None]
-        gap = (batch.behaviour_logprobs - out["teacher_logprobs"])[mask]
-        metrics = {"teacher/scored_rows": float(len(idx)), "teacher/prompt_tokens": float(sum(map(len, prompts))),
+        scored_rows = torch.zeros(B, dtype=torch.bool)
+        scored_rows[idx] = True
+        gap = (batch.behaviour_logprobs - out["teacher_logprobs"])[batch.response_mask & scored_rows[:, None]]
+        metrics = {"teacher/scored_rows": float(len(idx)),
+                   "teacher/prompt_tokens": float(sum(len(prompts[i]) for i in idx)),
                    "teacher/gap_sum": float(gap.sum()), "teacher/gap_tokens": float(gap.numel())}
-        return batch.replace(**out), metrics
+        scored_batch = batch.replace(**out)
+        scored_batch.meta = {**batch.meta, "teacher_skipped": skipped}
+        return scored_batch, metrics
 
 
 def annotate_items(annotator: Callable, items: list, counts: Counter | None = None) -> list:

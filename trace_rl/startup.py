@@ -257,6 +257,9 @@ class Files:
     prompts: PromptTable
     eval_sets: list
     max_model_len: int
+    """The rollout engines' context (:func:`engine_contexts`)."""
+    teacher_max_model_len: int | None = None
+    """The teacher engines' context; None without a teacher."""
 
     @property
     def train_problems(self) -> list:
@@ -285,12 +288,39 @@ def load_files(cfg: Config, services: ServiceSet) -> Files:
                                          chat_template_kwargs=cfg.model.chat_template_kwargs)
         if probs:
             eval_sets.append(EvalSet(name, probs, ids))
-    max_model_len = cfg.data.max_prompt_length + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-    if services.annotator == "self":
-        # the policy annotates through the pool: its prompts (problem, solution, numbered segments) are longer
-        max_model_len = max(max_model_len, min(model_context(model_path) or max_model_len,
-                                               4 * max_model_len + cfg.annotator.max_new_tokens))
-    return Files(model_path, tokenizer, pad_id, prompts, eval_sets, max_model_len)
+    rollout_len, teacher_len = engine_contexts(cfg, model_path, services)
+    return Files(model_path, tokenizer, pad_id, prompts, eval_sets, rollout_len, teacher_len)
+
+
+def engine_contexts(cfg: Config, model_path: str, services: ServiceSet) -> tuple[int, int | None]:
+    """``(rollout engine context, teacher engine context or None)`` in tokens, each within its model's own
+    context (``max_position_embeddings``), which an engine refuses to exceed. A prompt and response that
+    cannot fit in the policy's context is a configuration error (named fields, the fix); the longer
+    contexts that only help are capped: the self-annotator's prompts (problem, solution, numbered
+    segments) and the teacher's privileged prompt (prompt + up to 2 x data.max_prompt_length of context);
+    a teacher row longer than the teacher's context is left unscored and counted (``TeacherScorer``)."""
+    need = cfg.data.max_prompt_length + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    limit = model_context(model_path)
+    if limit is not None and need > limit:
+        longest = "rollout.max_new_tokens" if cfg.rollout.max_new_tokens >= cfg.eval.max_new_tokens \
+            else "eval.max_new_tokens"
+        raise ConfigError(
+            "invalid configuration:\n  - data.max_prompt_length + " + longest + f": {cfg.data.max_prompt_length} + "
+            f"{need - cfg.data.max_prompt_length} = {need} tokens is more than the model's context ({limit}, "
+            f"max_position_embeddings of {model_path}). Fix: lower data.max_prompt_length or {longest} so that "
+            f"they sum to at most {limit}, or use a model with a longer context")
+    rollout = need
+    if services.annotator == "self" and limit is not None:
+        # the policy annotates through the pool: its prompts are longer than the rollouts'
+        rollout = max(need, min(limit, 4 * need + cfg.annotator.max_new_tokens))
+    teacher = None
+    if services.teacher:
+        teacher_path = cfg.teacher.model_path or model_path
+        teacher_limit = model_context(teacher_path)
+        teacher = need + 2 * cfg.data.max_prompt_length
+        if teacher_limit is not None:
+            teacher = min(teacher, teacher_limit)
+    return rollout, teacher
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -501,7 +531,7 @@ def start_training_services(cfg: Config, files: Files, services: ServiceSet, run
     timings["startup_s/services"] = time.perf_counter() - t0
     colo = ColocationProtocol(pool, learners, enabled=placement.colocated)
     weight_sync = make_weight_sync(cfg.rollout.weight_sync, learners, pool, bucket_mb=cfg.rollout.sync_bucket_mb,
-                                   backend=cfg.rollout.sync_backend)
+                                   backend=cfg.rollout.sync_backend, dtype=cfg.model.dtype)
     closers.append(("weight sync", weight_sync.close))
     timings.update({f"startup_s/{k}_engine": v for k, v in _engine_startup(pool).items()})
     return TrainingServices(cluster, services, placement, pool, learners, weight_sync, stages, colo, timings)

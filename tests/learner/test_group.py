@@ -131,6 +131,12 @@ def test_gathered_weights_load_into_hf_and_reproduce_the_learner(zero3, model_di
 
     group = zero3[0]
     state = ray.get(group.state_dict_ref())
+    # a weight sync to bfloat16 engines ships bfloat16: the same values, rounded, at half the bytes
+    half = ray.get(group.state_dict_ref("bfloat16"))
+    assert half.keys() == state.keys()
+    for name, t in state.items():
+        assert half[name].dtype == (torch.bfloat16 if t.is_floating_point() else t.dtype), name
+        assert torch.equal(half[name], t.to(half[name].dtype)), name
     model = load_hf(model_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert unexpected == [] and missing == ["lm_head.weight"]  # tied to the embeddings

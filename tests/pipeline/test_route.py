@@ -151,3 +151,36 @@ def test_length_order_changes_micro_batches_not_the_loss():
         return sum(int(x.response_mask.sum(1).max()) * len(x) for sh in shards
                    for x in (sh.select(slice(k, k + mb)) for k in range(0, len(sh), mb)))
     assert padded(sorted_) < padded(plain)
+
+
+def _teacher_batch(skipped: list[bool]):
+    batch = rollout_batch()
+    B, R, K = len(batch), batch.response_len, 4
+    key = torch.zeros(B, R, dtype=torch.bool)
+    key[0, 0] = key[1, 0] = True  # rows 0 and 1 are in the all-correct group 0: only their KL channel keeps them
+    return batch.replace(key_mask=key, error_mask=torch.zeros(B, R, dtype=torch.bool),
+                         teacher_logprobs=-torch.rand(B, R), teacher_topk_ids=torch.randint(0, 50, (B, R, K)),
+                         teacher_topk_logprobs=-torch.rand(B, R, K),
+                         meta={**batch.meta, "teacher_skipped": skipped})
+
+
+def test_a_row_too_long_for_the_teacher_gets_no_teacher_signal():
+    """TeacherScorer marks rows whose privileged prompt + response exceed the teacher's context: TRACE sees such
+    a row unannotated (its spans go to GRPO, here: a zero-variance row, so it is not learned at all), and a
+    method that reads the teacher on every row does not learn from it."""
+    B = len(rollout_batch())
+    skipped = [False] * B
+    skipped[1] = True
+    trace = dataclasses.replace(spec("trace", step=0), needs=frozenset({"annotations", "teacher_topk"}))
+    _, info_all = route_batch(trace, _teacher_batch([False] * B))
+    _, info_skip = route_batch(trace, _teacher_batch(skipped))
+    assert info_skip.learn_rows == info_all.learn_rows - 1  # row 1 lost its only (KL) channel
+    assert info_skip.metrics["teacher/too_long_rows"] == 1.0 and info_all.metrics["teacher/too_long_rows"] == 0.0
+    assert info_skip.metrics["teacher/scored_frac"] == pytest.approx(1 / B)  # row 0 only
+
+    opd = dataclasses.replace(spec("self_opd", step=0), needs=frozenset({"teacher_logprobs", "teacher_topk"}))
+    skipped_var = [False] * B
+    skipped_var[10] = True  # a row of a group with reward variance
+    _, full = route_batch(opd, _teacher_batch([False] * B))
+    _, part = route_batch(opd, _teacher_batch(skipped_var))
+    assert part.learn_rows == full.learn_rows - 1

@@ -33,6 +33,13 @@ def test_teacher_scores_equal_an_independent_forward_on_the_privileged_prompt(ra
     K, R = 8, max(len(r) for r in responses) + 3
     teacher = TeacherService(tiny_random_model, kind="frozen", engine=engine, top_k=K, max_model_len=512)
     try:
+        # the engines' payload: arrays (not nested Python lists), one row per scored position
+        import numpy as np
+        import ray
+
+        raw = ray.get(teacher.pool.actors[0].score_topk.remote([prompts[0] + responses[0]], [len(prompts[0])], K))[0]
+        assert isinstance(raw["topk_ids"], np.ndarray) and raw["topk_ids"].shape == (len(responses[0]), K)
+        assert raw["topk_ids"].dtype == np.int64 and raw["logprobs"].dtype == raw["topk_logprobs"].dtype == np.float32
         out = teacher.score(prompts, responses, response_len=R)
         assert out["teacher_logprobs"].shape == (3, R) and out["teacher_topk_ids"].shape == (3, R, K)
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -99,3 +106,42 @@ def test_ema_teacher_blends_the_synced_weights(ray_cluster, tiny_random_model):
         teacher.shutdown()
     with pytest.raises(ValueError, match="ema_decay"):
         TeacherService(tiny_random_model, kind="frozen", ema_decay=0.5)
+
+
+def test_scorer_leaves_rows_longer_than_the_teachers_context_unscored(ray_cluster, tiny_random_model):
+    """A privileged prompt + response longer than the teacher engine's context is not sent (the engine would
+    refuse the whole call): the row keeps the empty teacher fields and is marked ``teacher_skipped``; the
+    others are scored as an independent forward pass scores them."""
+    from trace_rl.batch import Batch
+    from trace_rl.routing import TeacherScorer
+
+    tok = AutoTokenizer.from_pretrained(tiny_random_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model, dtype=torch.float32).eval()
+    builder = PrivilegedPromptBuilder(fields=("solution",), instruction=ARITH_INSTRUCTION)
+    problems = generate("test", 3, seed=7)
+    prompts = [tok(builder.render(p, tok), add_special_tokens=False)["input_ids"] for p in problems]
+    resp = [tok(p.solution, add_special_tokens=False)["input_ids"][:6] for p in problems]
+    limit = max(len(prompts[i]) + len(resp[i]) for i in (0, 2))
+    resp[1] = (resp[1] * 100)[: limit - len(prompts[1]) + 1]  # row 1: one token more than the teacher's context
+    lengths = [len(p) + len(r) for p, r in zip(prompts, resp)]
+    assert lengths[1] > limit
+    R = max(map(len, resp))
+    ids = torch.zeros(3, R, dtype=torch.long)
+    mask = torch.zeros(3, R, dtype=torch.bool)
+    for i, r in enumerate(resp):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    batch = Batch(prompt_ids=torch.ones(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.bool),
+                  response_ids=ids, response_mask=mask, behaviour_logprobs=torch.zeros(3, R),
+                  group_ids=torch.arange(3), policy_version=torch.zeros(3, dtype=torch.long),
+                  meta={"uid": [p.uid for p in problems]})
+    teacher = TeacherService(tiny_random_model, kind="frozen", engine="hf", top_k=4, max_model_len=limit)
+    try:
+        out, metrics = TeacherScorer(teacher, tok, {p.uid: p for p in problems}, builder).score(batch)
+        assert out.meta["teacher_skipped"] == [False, True, False]
+        assert metrics["teacher/scored_rows"] == 2.0
+        assert bool((out.teacher_logprobs[1] == 0).all()) and bool((out.teacher_topk_logprobs[1] == -1e4).all())
+        for i in (0, 2):
+            lp, _ = reference(model, prompts[i], resp[i], 4)
+            torch.testing.assert_close(out.teacher_logprobs[i, :len(resp[i])].double(), lp, atol=1e-3, rtol=0)
+    finally:
+        teacher.shutdown()

@@ -300,13 +300,14 @@ class LearnerGroup:
         """Per-token entropy ``[B, R]`` of the policy on the responses (0 on padding)."""
         return self.logprobs(batch, temperature, entropy=True)
 
-    def state_dict_ref(self):
-        """ObjectRef to the full HF-named float32 weights (rank 0's gathered dict), for the weight sync. Rank 0
-        puts the dict into the object store itself: the weights never pass through this process."""
+    def state_dict_ref(self, dtype: str = "float32"):
+        """ObjectRef to the full HF-named weights (rank 0's gathered dict; floating tensors in ``dtype``), for the
+        weight sync. Rank 0 puts the dict into the object store itself: the weights never pass through this
+        process."""
         self._check_alive()
         t0 = time.perf_counter()
         with self._submit_lock:
-            refs = [a.gather_state_dict_ref.remote() for a in self.actors]
+            refs = [a.gather_state_dict_ref.remote(dtype) for a in self.actors]
         out = self._all(refs, "gather_state_dict")
         self.timings["gather_s"] = time.perf_counter() - t0
         return out[0][0]

@@ -262,8 +262,14 @@ class LearnerWorker(ColocationLog):
         hf.config.use_cache = False
         return PolicyModel(hf, self.lc.logprob_chunk_size)
 
-    def _new_optimizer(self, params) -> torch.optim.Optimizer:
+    def _new_optimizer(self, params, *, on_gpu: bool = False) -> torch.optim.Optimizer:
+        """AdamW: DeepSpeed's fused kernel on GPU ranks (the one optimizer whose states DeepSpeed can move
+        off the GPU: colocated ZeRO-3 ``offload_states`` asserts it), torch's elsewhere (the same update)."""
         a = self.algo
+        if optimizer_kind(self.lc.backend, on_gpu) == "fused_adam":
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay, adam_w_mode=True)
         return torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay)
 
     def _setup_deepspeed(self, on_gpu: bool) -> None:
@@ -288,7 +294,7 @@ class LearnerWorker(ColocationLog):
         policy = self._load_policy()
         if self.mc.gradient_checkpointing:
             policy.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = self._new_optimizer([p for p in policy.parameters() if p.requires_grad])
+        optimizer = self._new_optimizer([p for p in policy.parameters() if p.requires_grad], on_gpu=on_gpu)
         self.timings["load_model_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_cfg)
@@ -525,8 +531,10 @@ class LearnerWorker(ColocationLog):
         return torch.cat(outs) if outs else torch.zeros(0, batch.response_len)
 
     # ------------------------------------------------------------------------------ weights out
-    def gather_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The full weights with HF names, float32 on CPU, on rank 0 (None on the others).
+    def gather_state_dict(self, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
+        """The full weights with HF names, on CPU, on rank 0 (None on the others): floating parameters in
+        ``dtype`` (float32 for checkpoints and exports; the engines' dtype for a weight sync, so a bfloat16
+        model ships half the bytes), buffers as they are.
 
         Collective under ZeRO-3 (parameters are gathered one at a time). Tied parameters appear
         once, under their first name (``model.embed_tokens.weight``; no ``lm_head.weight``), as in
@@ -545,19 +553,20 @@ class LearnerWorker(ColocationLog):
                 ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=None)
             with ctx:
                 if out is not None:
-                    out[name] = p.data.detach().to("cpu", torch.float32, copy=True)
+                    out[name] = p.data.detach().to("cpu", DTYPES[dtype] if p.is_floating_point() else p.dtype,
+                                                   copy=True)
         if out is not None:
             for name, b in _persistent_buffers(policy.hf):
                 out[name] = b.detach().to("cpu", copy=True)
         self.timings["gather_s"] = time.perf_counter() - t0
         return out
 
-    def gather_state_dict_ref(self) -> list:
+    def gather_state_dict_ref(self, dtype: str = "float32") -> list:
         """:meth:`gather_state_dict`, put into the object store by this rank: ``[ObjectRef]`` on rank 0,
         ``[None]`` elsewhere. The caller receives only the reference (a few bytes), never the weights."""
         import ray
 
-        out = self.gather_state_dict()
+        out = self.gather_state_dict(dtype)
         return [ray.put(out) if out is not None else None]
 
     # ------------------------------------------------------------------------------ weight sync (trace_rl/sync)
@@ -773,6 +782,11 @@ class LearnerWorker(ColocationLog):
                     state[key] = value.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+
+def optimizer_kind(backend: str, on_gpu: bool) -> str:
+    """``fused_adam`` for DeepSpeed ranks on GPUs, ``torch_adamw`` otherwise (CPU ranks, the torch backend)."""
+    return "fused_adam" if backend == "deepspeed" and on_gpu else "torch_adamw"
 
 
 def _quiet_known_warnings() -> None:

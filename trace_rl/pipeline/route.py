@@ -137,7 +137,16 @@ def route_batch(spec: RouteSpec, batch: Batch, entropy: torch.Tensor | None = No
         raise ValueError(f"method {spec.method!r} needs {missing} at step {step}; the stage that fills them "
                          f"did not run (check the annotator / teacher configuration)")
     metrics: dict[str, float] = {}
+    # rows whose privileged prompt + response did not fit the teacher's context (TeacherScorer): a method that
+    # routes annotated spans to the teacher sees them unannotated; one that reads the teacher on every row
+    # does not learn from them
+    skipped = torch.tensor([bool(x) for x in batch.meta.get("teacher_skipped") or []] or [False] * len(batch))
+    if needs & TEACHER_NEEDS and bool(skipped.any()) and method.teacher_rows == "annotated" \
+            and batch.key_mask is not None:
+        extra["key_mask"] = batch.key_mask = batch.key_mask & ~skipped[:, None]
+        extra["error_mask"] = batch.error_mask = batch.error_mask & ~skipped[:, None]
     if needs & TEACHER_NEEDS:
+        metrics["teacher/too_long_rows"] = float(skipped.sum())
         rows = None
         if method.teacher_rows == "annotated" and batch.key_mask is not None:
             rows = (batch.key_mask | batch.error_mask).any(dim=1)
@@ -162,6 +171,8 @@ def route_batch(spec: RouteSpec, batch: Batch, entropy: torch.Tensor | None = No
         other = [c for c, name in enumerate(batch.channel_names) if channel_kind(name) != "pg"]
         routed = (batch.channel_weights[other] != 0).any(dim=0).any(dim=1) if other else torch.zeros_like(keep)
         keep = ~zero_var | routed
+    if needs & TEACHER_NEEDS and method.teacher_rows != "annotated":
+        keep = keep & ~skipped
     exposure = exposure_counts(batch.channel_names, batch.channel_weights, batch.response_mask, learned_rows=keep)
     lengths = batch.response_mask.sum(1).float()
     metrics.update({

@@ -236,7 +236,7 @@ class Stages:
             method = get_method(cfg.algorithm.name)
             kwargs = dict(model_path=tc.model_path or files.model_path, kind=tc.kind, engine=tc.engine,
                           num_actors=tc.num_actors, top_k=tc.top_k, resync_every=tc.resync_every,
-                          dtype=cfg.model.dtype, max_model_len=files.max_model_len + 2 * cfg.data.max_prompt_length,
+                          dtype=cfg.model.dtype, max_model_len=files.teacher_max_model_len,
                           cpus_per_actor=tc.cpus_per_actor, gpus_per_actor=tc.gpus_per_actor,
                           gpu_memory_utilization=tc.gpu_memory_utilization,
                           trust_remote_code=trust, seed=cfg.trainer.seed, ema_decay=tc.ema_decay)

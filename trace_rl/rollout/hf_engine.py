@@ -17,6 +17,8 @@ from trace_rl.rollout.base import (Sample, chunk_stats, left_pad, sampled_logpro
                                    stream_min_groups)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCORE_CHUNK = 1024
+"""Positions per vocabulary projection when scoring (teacher): [SCORE_CHUNK, V] float32 at a time."""
 
 
 class HFEngine(ColocationLog):
@@ -128,18 +130,34 @@ class HFEngine(ColocationLog):
         return result
 
     @torch.no_grad()
-    def score_topk(self, sequences: list[list[int]], start: list[int], k: int) -> list[dict[str, list]]:
+    def score_topk(self, sequences: list[list[int]], start: list[int], k: int) -> list[dict[str, Any]]:
         """Teacher scoring (temperature 1), same contract as ``VLLMEngine.score_topk``: per sequence,
-        for positions ``t >= start``, the log-prob of ``seq[t]`` and the top-``k`` ids / log-probs."""
+        for positions ``t >= start``, the log-prob of ``seq[t]`` and the top-``k`` ids / log-probs (numpy
+        arrays)."""
         result = []
+        head = self.model.get_output_embeddings()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
         for seq, st in zip(sequences, start):
             ids = torch.tensor([seq], device=self.device)
-            logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            logp = logp[max(st, 1) - 1:]  # row j scores seq[st + j]
-            top = logp.topk(int(k), dim=-1)
-            sampled = logp.gather(1, ids[0, max(st, 1):, None]).squeeze(1)
-            result.append({"logprobs": sampled.cpu().tolist(), "topk_ids": top.indices.cpu().tolist(),
-                           "topk_logprobs": top.values.cpu().tolist()})
+            first = max(st, 1)
+            # the vocabulary projection only at the scored positions (row j scores seq[first + j]), in chunks of
+            # SCORE_CHUNK positions: never the full [T, V] logits of a long privileged prompt
+            hidden = self.model.base_model(input_ids=ids).last_hidden_state[0, first - 1:-1]
+            targets = ids[0, first:]
+            lps, top_ids, top_lps = [], [], []
+            for c in range(0, hidden.shape[0], SCORE_CHUNK):
+                logits = head(hidden[c:c + SCORE_CHUNK]).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                logp = torch.log_softmax(logits, dim=-1)
+                top = logp.topk(int(k), dim=-1)
+                lps.append(logp.gather(1, targets[c:c + SCORE_CHUNK, None]).squeeze(1))
+                top_ids.append(top.indices)
+                top_lps.append(top.values)
+            if not lps:
+                lps, top_ids, top_lps = [hidden.new_zeros(0)], [targets.new_zeros(0, int(k))], [hidden.new_zeros(0, int(k))]
+            result.append({"logprobs": torch.cat(lps).cpu().numpy(), "topk_ids": torch.cat(top_ids).cpu().numpy(),
+                           "topk_logprobs": torch.cat(top_lps).cpu().numpy()})
         return result
 
     @torch.no_grad()

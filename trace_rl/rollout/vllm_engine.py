@@ -15,10 +15,16 @@ import os
 import time
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from trace_rl.placement import ColocationLog
 from trace_rl.rollout.base import Sample, chunk_stats, samples_to_batch, stream_min_groups
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of prompt ``index`` of a call seeded with ``seed`` (distinct per prompt, 32-bit)."""
+    return (int(seed) * 1_000_003 + int(index)) % (2**31 - 1)
 
 
 class WeightSyncExtension:
@@ -155,18 +161,32 @@ class VLLMEngine(ColocationLog):
         self.warmup_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ generation
-    def _sampling_params(self, spec: dict[str, Any]):
-        from vllm import SamplingParams
-
+    def _sampling_params(self, spec: dict[str, Any], n_prompts: int):
+        """One SamplingParams, or one per prompt when ``spec["seed"]`` is set: prompt i gets the seed
+        :func:`prompt_seed` (seed, i), so that the prompts of a call draw independent samples (one seed for
+        all of them would give every prompt the same random stream)."""
         seed = spec.get("seed")
         if seed is not None and not torch.cuda.is_available():
             # vLLM's CPU sampler cannot use per-request generators with top-p/top-k ("CPU Generator
             # does not use offset"); the engine-level seed still makes a run reproducible.
             seed = None
+        params = self._params(spec)
+        if seed is None:
+            return params
+        out = []
+        for i in range(n_prompts):
+            p = params.clone()
+            p.seed = prompt_seed(int(seed), i)
+            out.append(p)
+        return out
+
+    def _params(self, spec: dict[str, Any]):
+        from vllm import SamplingParams
+
         return SamplingParams(
             n=spec.get("n", 1), temperature=spec.get("temperature", 1.0), top_p=spec.get("top_p", 1.0),
             top_k=spec.get("top_k", -1) if spec.get("top_k", -1) > 0 else 0,
-            max_tokens=spec.get("max_new_tokens", 128), logprobs=0, seed=seed,
+            max_tokens=spec.get("max_new_tokens", 128), logprobs=0,
             # token ids are all the trainer reads: no incremental detokenisation per step
             detokenize=self.detokenize,
         )
@@ -183,8 +203,8 @@ class VLLMEngine(ColocationLog):
         return samples
 
     def generate(self, prompts: list[list[int]], spec: dict[str, Any]) -> list[Sample]:
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self._sampling_params(spec),
-                                    use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                    self._sampling_params(spec, len(prompts)), use_tqdm=False)
         return [smp for i, out in enumerate(outputs) for smp in self._samples(i, out)]
 
     def generate_stream(self, prompts: list[list[int]], spec: dict[str, Any], meta: dict[str, list[Any]] | None = None,
@@ -199,7 +219,7 @@ class VLLMEngine(ColocationLog):
         engine = self.llm.llm_engine
         if engine.has_unfinished_requests():
             raise RuntimeError("generate_stream called while the engine still has unfinished requests")
-        params = self._sampling_params(spec)
+        params = self._sampling_params(spec, len(prompts))
         min_groups = stream_min_groups(len(prompts), chunks)
         t_chunk, busy = time.time(), 0.0
         t0 = time.perf_counter()
@@ -230,7 +250,7 @@ class VLLMEngine(ColocationLog):
 
         if temperature != 1.0:
             raise ValueError("VLLMEngine.score supports temperature=1.0 only (prompt logprobs are raw)")
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
         result = []
         for seq, st, out in zip(sequences, start, outputs):
@@ -238,28 +258,35 @@ class VLLMEngine(ColocationLog):
             result.append([float(pl[t][seq[t]].logprob) for t in range(max(st, 1), len(seq))])
         return result
 
-    def score_topk(self, sequences: list[list[int]], start: list[int], k: int) -> list[dict[str, list]]:
+    def score_topk(self, sequences: list[list[int]], start: list[int], k: int) -> list[dict[str, np.ndarray]]:
         """Teacher scoring through vLLM's ``prompt_logprobs`` (temperature 1): for each sequence and
         every position ``t >= start[i]``, ``log p(seq[t] | seq[:t])`` and the ``k`` most likely tokens
-        with their log-probs, in decreasing order. Returns ``{"logprobs": [n], "topk_ids": [n][k],
-        "topk_logprobs": [n][k]}`` per sequence, ``n = len(seq) - start``."""
+        with their log-probs, in decreasing order. Returns arrays per sequence (``n = len(seq) - start``):
+        ``{"logprobs": float32 [n], "topk_ids": int64 [n, k], "topk_logprobs": float32 [n, k]}`` (no token
+        strings: detokenisation off; arrays, not nested lists, cross the object store)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=int(k), temperature=1.0)
+        k = int(k)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=1.0, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
         result = []
         for seq, st, out in zip(sequences, start, outputs):
             pl = out.prompt_logprobs
-            lps, ids, tlps = [], [], []
-            for t in range(max(st, 1), len(seq)):
+            first = max(st, 1)
+            n = max(len(seq) - first, 0)
+            lps = np.empty(n, dtype=np.float32)
+            ids = np.empty((n, k), dtype=np.int64)
+            tlps = np.empty((n, k), dtype=np.float32)
+            for j, t in enumerate(range(first, len(seq))):
                 entries = pl[t]
-                lps.append(float(entries[seq[t]].logprob))
-                ranked = sorted(((e.rank, tok, e.logprob) for tok, e in entries.items() if e.rank is not None
-                                 and e.rank <= k), key=lambda x: x[0])[:k]
-                if len(ranked) < k:
-                    raise RuntimeError(f"vLLM returned {len(ranked)} top logprobs at position {t}, asked for {k}")
-                ids.append([tok for _, tok, _ in ranked])
-                tlps.append([float(lp) for _, _, lp in ranked])
+                lps[j] = entries[seq[t]].logprob
+                seen = np.zeros(k, dtype=bool)
+                for tok, e in entries.items():  # the sampled token (any rank) and the top k (ranks 1..k)
+                    r = e.rank
+                    if r is not None and 1 <= r <= k:
+                        ids[j, r - 1], tlps[j, r - 1], seen[r - 1] = tok, e.logprob, True
+                if not seen.all():
+                    raise RuntimeError(f"vLLM returned {int(seen.sum())} of the top {k} logprobs at position {t}")
             result.append({"logprobs": lps, "topk_ids": ids, "topk_logprobs": tlps})
         return result
 

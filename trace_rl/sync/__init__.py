@@ -32,17 +32,18 @@ BACKENDS = ("auto", "gloo", "nccl")
 
 
 def make_weight_sync(kind: str, learners: Any, pool: Any, *, bucket_mb: float = 256.0, backend: str = "auto",
-                     timeout_s: float = 600.0) -> WeightSync:
+                     timeout_s: float = 600.0, dtype: str = "float32") -> WeightSync:
     """The ``kind`` weight sync from ``learners`` (a LearnerGroup) to ``pool`` (a RolloutPool).
 
     ``bucket_mb``: bucket size of the collective / cuda_ipc paths; ``backend``: the collective's
-    auto | gloo | nccl; ``timeout_s``: how long a collective waits for a member before failing.
+    auto | gloo | nccl; ``timeout_s``: how long a collective waits for a member before failing; ``dtype``: the
+    engines' dtype, in which the object-store path ships the floating weights.
     A collective sync joins its group here (a few seconds at most).
     """
     if kind == "object_store":
         from trace_rl.sync.object_store import ObjectStoreSync
 
-        return ObjectStoreSync(learners, pool)
+        return ObjectStoreSync(learners, pool, dtype=dtype)
     if kind == "collective":
         from trace_rl.sync.collective import CollectiveSync
 

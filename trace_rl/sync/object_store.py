@@ -1,8 +1,8 @@
 """``object_store``: learner rank 0 gathers the full weights into one Ray object; every engine fetches it.
 
 The simplest path and the default: no extra process group, works wherever Ray does, across
-nodes. It costs a copy into the object store (float32) plus one fetch per engine node, which is
-fine for small models and CPU runs; the collective path avoids both for large models.
+nodes. It costs a copy into the object store (in the engines' dtype) plus one fetch per engine node,
+which is fine for small models and CPU runs; the collective path avoids both for large models.
 """
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ __all__ = ["ObjectStoreSync"]
 class ObjectStoreSync(WeightSync):
     kind = "object_store"
 
-    def __init__(self, learners: Any, pool: Any):
+    def __init__(self, learners: Any, pool: Any, dtype: str = "float32"):
+        """``dtype``: what the floating weights are shipped as: the engines' (``model.dtype``)."""
         super().__init__(learners, pool)
-        # gather_state_dict ships floating tensors as float32 and buffers as they are
-        self.nbytes = float(sum(s.numel * 4 if dtype_from_name(s.dtype).is_floating_point else s.nbytes
+        self.dtype = dtype
+        size = dtype_from_name(dtype).itemsize
+        # gather_state_dict ships floating tensors in ``dtype`` and buffers as they are
+        self.nbytes = float(sum(s.numel * size if dtype_from_name(s.dtype).is_floating_point else s.nbytes
                                 for s in learners.weight_specs()))
 
     def sync(self, version: int) -> dict[str, float]:
@@ -33,7 +36,7 @@ class ObjectStoreSync(WeightSync):
         import ray
 
         t0 = time.perf_counter()
-        ref = self.learners.state_dict_ref()
+        ref = self.learners.state_dict_ref(self.dtype)
         t1 = time.perf_counter()
         loads = [a.update_weights.remote(ref, version) for a in self.pool.actors]
         del ref  # the engines' pending calls hold it; the object store frees it after the last load

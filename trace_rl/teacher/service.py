@@ -75,6 +75,7 @@ class TeacherService:
         if ema_decay and kind != "self":
             raise ValueError("teacher.ema_decay applies to teacher.kind=self only")
         self.kind, self.top_k, self.resync_every = kind, int(top_k), int(resync_every)
+        self.max_model_len = int(max_model_len) if max_model_len else None  # longer rows: TeacherScorer skips them
         self.ema_decay = float(ema_decay)
         self._ema_state: dict[str, torch.Tensor] | None = None
         self.calls, self.tokens, self.syncs = 0, 0, 0
@@ -109,9 +110,9 @@ class TeacherService:
                 if len(res["logprobs"]) != len(responses[i]):
                     raise RuntimeError(f"teacher returned {len(res['logprobs'])} log-probs for a response of "
                                        f"{len(responses[i])} tokens")
-                out["teacher_logprobs"][i, :L] = torch.tensor(res["logprobs"][:L])
-                out["teacher_topk_ids"][i, :L] = torch.tensor(res["topk_ids"][:L], dtype=torch.long)
-                out["teacher_topk_logprobs"][i, :L] = torch.tensor(res["topk_logprobs"][:L])
+                out["teacher_logprobs"][i, :L] = torch.as_tensor(res["logprobs"][:L])
+                out["teacher_topk_ids"][i, :L] = torch.as_tensor(res["topk_ids"][:L], dtype=torch.long)
+                out["teacher_topk_logprobs"][i, :L] = torch.as_tensor(res["topk_logprobs"][:L])
         self.calls += 1
         self.tokens += sum(len(r) for r in responses)
         return out
