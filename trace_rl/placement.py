@@ -469,26 +469,56 @@ class ColocationLog:
         return list(self.__dict__.get("_colocation_entries", []))
 
 
+def wake_event(tags: list[str] | None) -> str:
+    """An engine's wake-up event name: ``wake`` (everything) or ``wake_<tag>`` (``wake_weights``,
+    ``wake_kv_cache``); vLLM's tags only."""
+    for tag in tags or ():
+        if tag not in ("weights", "kv_cache"):
+            raise ValueError(f"wake_up tag {tag!r}: use 'weights' or 'kv_cache'")
+    return "wake" if not tags else "wake_" + "_".join(tags)
+
+
 class ColocationProtocol:
-    """The driver's side of colocation: who holds the shared accelerators when.
+    """The driver's side of colocation: who holds the shared accelerators when, in the order the peers use.
 
-    Per step: :meth:`before_generate` (engines wake up) -> generate -> :meth:`after_generate`
-    (engines sleep, vLLM level 1: weights to CPU, KV cache dropped) -> :meth:`before_train`
-    (learners reload their DeepSpeed / torch state) -> train -> :meth:`after_train` (learners
-    offload it). Each hook acts only when the state changes (waking awake engines does nothing),
-    so the driver may call ``before_generate`` both before a weight sync and before generating.
-    :meth:`start` offloads the freshly built learners (both sides start resident).
+    Start-up: the engines are built first and put to sleep (:meth:`sleep_engines`, vLLM level 1: weights to
+    CPU, KV cache released) before the learners are built on the same accelerators; the protocol then
+    starts with the engines asleep and the learners resident (``engines_asleep=True``). Per step:
 
-    With ``enabled=False`` (disaggregated) every call does nothing. The engine and worker hooks are
-    no-ops on CPU but still run and count themselves, so ``events`` (the driver's sequence) and the
-    actors' own counters show the protocol was followed.
+    - :meth:`to_engines` before generating: learners offload, engines wake (whatever part still sleeps);
+    - :meth:`to_learners` after generating: engines sleep, learners reload;
+    - :meth:`before_sync` after learning: the engines take back their **weights only** (``wake_up(tags=
+      ["weights"])``; the KV cache stays released) while the learners stay resident, so the sync reads the
+      learners' resident weights and writes, bucket by bucket, into the engines' resident ones;
+    - :meth:`after_sync` once the sync has finished: learners offload, the engines' KV cache wakes.
+
+    Each hook acts only when the state changes, so the driver may call them freely (``to_engines`` after
+    ``after_sync`` does nothing). With ``enabled=False`` (disaggregated) every call does nothing. The engine
+    and worker hooks are no-ops on CPU but still run and count themselves, so ``events`` (the driver's
+    sequence) and the actors' own counters show the protocol was followed.
     """
 
-    def __init__(self, pool: Any, learners: Any, *, enabled: bool = True, timeout_s: float = 600.0):
+    def __init__(self, pool: Any, learners: Any, *, enabled: bool = True, timeout_s: float = 600.0,
+                 engines_asleep: bool = False):
         self.pool, self.learners, self.enabled, self.timeout_s = pool, learners, bool(enabled), timeout_s
-        self.events: list[str] = []
+        self.events: list[str] = ["sleep"] if engines_asleep else []
         self.seconds: dict[str, float] = {}
-        self.engines_awake, self.learners_resident = True, True
+        self.engines = "asleep" if engines_asleep else "awake"  # asleep | weights (KV cache released) | awake
+        self.learners_resident = True
+
+    @staticmethod
+    def sleep_engines(pool: Any, timeout_s: float = 600.0) -> float:
+        """Put freshly built engines to sleep before the learners are built beside them (vLLM allocates
+        ``gpu_memory_utilization`` of the device when it builds). Returns the seconds it took."""
+        import ray
+
+        t0 = time.perf_counter()
+        ray.get([a.sleep.remote(1) for a in pool.actors], timeout=timeout_s)
+        return time.perf_counter() - t0
+
+    @property
+    def engines_awake(self) -> bool:
+        return self.engines == "awake"
 
     def _call(self, event: str, actors: list, method: str, *args) -> None:
         import ray
@@ -499,18 +529,22 @@ class ColocationProtocol:
         self.seconds[event] = self.seconds.get(event, 0.0) + time.perf_counter() - t0
 
     def start(self) -> None:
-        """Both sides are resident after start-up: offload the learners (engines generate first)."""
-        self.after_train()
+        """After start-up: the accelerators go to the engines (they generate first)."""
+        self.to_engines()
 
     def before_generate(self) -> None:
-        if self.enabled and not self.engines_awake:
+        if not self.enabled:
+            return
+        if self.engines == "asleep":
             self._call("wake", self.pool.actors, "wake_up")
-            self.engines_awake = True
+        elif self.engines == "weights":
+            self._call("wake_kv_cache", self.pool.actors, "wake_up", ["kv_cache"])
+        self.engines = "awake"
 
     def after_generate(self) -> None:
-        if self.enabled and self.engines_awake:
+        if self.enabled and self.engines != "asleep":
             self._call("sleep", self.pool.actors, "sleep", 1)
-            self.engines_awake = False
+            self.engines = "asleep"
 
     def before_train(self) -> None:
         if self.enabled and not self.learners_resident:
@@ -531,6 +565,19 @@ class ColocationProtocol:
         """The accelerators go to the engines: learners offload, engines wake (each only if needed)."""
         self.after_train()
         self.before_generate()
+
+    def before_sync(self) -> None:
+        """Before a weight sync: learners resident, engines holding their weights (not their KV cache)."""
+        if not self.enabled:
+            return
+        self.before_train()
+        if self.engines == "asleep":
+            self._call("wake_weights", self.pool.actors, "wake_up", ["weights"])
+            self.engines = "weights"
+
+    def after_sync(self) -> None:
+        """After the sync has finished: the learners offload, then the engines' KV cache wakes."""
+        self.to_engines()
 
     def metrics(self) -> dict[str, float]:
         """``timing_s/colocation_<event>``: seconds spent in each hook so far."""

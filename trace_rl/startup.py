@@ -496,14 +496,24 @@ def start_training_services(cfg: Config, files: Files, services: ServiceSet, run
     def wait_for(name: str) -> Callable[[], Any]:
         return lambda: futures[name].result()
 
+    engines_asleep = []
+
+    def learner_group():
+        if placement.colocated:
+            # the engines give the accelerators back before the learners are built on them (vLLM takes
+            # gpu_memory_utilization of the device when it builds)
+            timings["startup_s/colocation_sleep"] = ColocationProtocol.sleep_engines(wait_for("rollout")())
+            engines_asleep.append(True)
+        return LearnerGroup(learner_cfg, algo, cfg.model, files.model_path, seed=cfg.trainer.seed,
+                            placement_strategy=cfg.cluster.placement_strategy,
+                            placement_timeout_s=cfg.cluster.placement_timeout_s,
+                            total_steps=cfg.trainer.total_steps, placement=placement)
+
     builders = {
         "rollout": timed("rollout", lambda: start_rollout_pool(
             cfg, files.model_path, max_model_len=files.max_model_len, seed=cfg.rollout.seed, pad_id=files.pad_id,
             placement=placement)),
-        "learner": timed("learner", lambda: LearnerGroup(
-            learner_cfg, algo, cfg.model, files.model_path, seed=cfg.trainer.seed,
-            placement_strategy=cfg.cluster.placement_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s,
-            total_steps=cfg.trainer.total_steps, placement=placement)),
+        "learner": timed("learner", lambda: learner_group()),
         # the stage actors start beside them; the annotate stage of annotator=self waits for the engines, an
         # EMA teacher for the learners' weights
         "stages": timed("stages", lambda: Stages.start(cfg, files, services, run_dir, pool=wait_for("rollout"),
@@ -529,7 +539,7 @@ def start_training_services(cfg: Config, files: Files, services: ServiceSet, run
         raise errors[0][1]
     pool, learners, stages = started["rollout"], started["learner"], started["stages"]
     timings["startup_s/services"] = time.perf_counter() - t0
-    colo = ColocationProtocol(pool, learners, enabled=placement.colocated)
+    colo = ColocationProtocol(pool, learners, enabled=placement.colocated, engines_asleep=bool(engines_asleep))
     weight_sync = make_weight_sync(cfg.rollout.weight_sync, learners, pool, bucket_mb=cfg.rollout.sync_bucket_mb,
                                    backend=cfg.rollout.sync_backend, dtype=cfg.model.dtype)
     closers.append(("weight sync", weight_sync.close))

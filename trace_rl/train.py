@@ -175,12 +175,13 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
         start_step, eval_before, totals = state["step"], state.get("eval_before"), state.get("totals", totals)
         if state.get("exposure"):
             exposure.load_state_dict(state["exposure"])
+        colo.before_sync()
         weight_sync.sync(version=start_step)
         if stages.teacher is not None and stages.teacher_kind == "self" and stages.resync_every > 0:
             # the teacher's pre-interruption weights are not checkpointed: restart it from the policy's
             ray.get(stages.teacher.sync.remote([learners.state_dict_ref()], start_step))
         print(f"resumed from {ckpt} at step {start_step}", flush=True)
-    colo.start()  # colocated: the learners are offloaded, the engines generate first
+    colo.start()  # colocated: the learners offload, the engines wake: they generate first
 
     summary: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "algorithm": cfg.algorithm.name,
                                "model_path": files.model_path, "cluster": svc.cluster,
@@ -280,8 +281,12 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
             t0 = time.perf_counter()
             if learn_metrics:
                 version += 1
-                colo.to_engines()  # colocated: the engines wake up to receive the new weights
+                colo.before_sync()  # colocated: the engines take back their weights only; the learners stay
                 pending_sync = weight_sync.submit(version)
+                if colo.enabled:  # colocated: the learners offload only once the engines hold the new weights
+                    metrics.update({f"sync/{k_}": v for k_, v in pending_sync().items()})
+                    pending_sync = None
+                    colo.after_sync()  # learners offload, the engines' KV cache wakes
             nxt = step + 1
             if nxt < total and stages.wants_teacher_sync(nxt) and method.needs_at(nxt, {**params, "step": nxt}) \
                     & TEACHER_NEEDS:
@@ -377,7 +382,8 @@ def _run(cfg: Config, closers: list) -> dict[str, Any]:
                     "exposure": exposure.metrics(), "teacher": teacher_stats, "annotate": annotate_counts,
                     "placement": svc.placement.plan.describe(), "max_staleness": k,
                     "train_loop_s": train_loop_s, "pipeline": timeline.summary(train_loop_s),
-                    "buffer": buffer.stats(), "wall_time_s": time.perf_counter() - t_job})
+                    "buffer": buffer.stats(), "wall_time_s": time.perf_counter() - t_job,
+                    "colocation_events": list(colo.events)})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"summary: {run_dir / 'summary.json'}", flush=True)
     return summary

@@ -62,3 +62,22 @@ def test_async_trace_run_bounds_staleness_and_keeps_batches_off_the_driver(tmp_p
     assert summary["max_staleness"] == 1 and summary["steps"] == 4 and summary["train_loop_s"] > 0
     assert summary["teacher"]["teacher/syncs"] >= 1  # re-synced at step 2 (teacher.resync_every=2)
     assert set(summary["pipeline"]["busy_s"]) >= {"rollout", "reward", "annotate", "teacher", "learn"}
+
+
+def test_colocated_run_hands_the_accelerators_over_in_the_peers_order(tmp_path):
+    """cluster.placement=colocated (on CPU the engines' and ranks' hooks are counted no-ops, the order is the
+    driver's): the engines sleep before the learners are built; each step the engines generate, sleep, the
+    learners reload and train, the engines take back their weights only for the sync, and only after it the
+    learners offload and the engines' KV cache wakes."""
+    run_dir = tmp_path / "run"
+    args = ["rollout=hf", "cluster.placement=colocated", "rollout.num_engines=2", "learner.num_ranks=2",
+            "trainer.total_steps=2", "data.prompts_per_step=4", "rollout.n=4", "rollout.max_new_tokens=24",
+            "learner.micro_batch_size=8", "eval.before=false", "eval.after=false", "trainer.save_final=false",
+            "logger.wandb=false", "algorithm.filter_zero_variance=false", f"trainer.run_dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "trace_rl.train", *args], capture_output=True, text=True,
+                       timeout=1200, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    events = json.loads((run_dir / "summary.json").read_text())["colocation_events"]
+    step = ["sleep", "reload", "wake_weights", "offload", "wake_kv_cache"]
+    assert events == ["sleep", "offload", "wake"] + step * 2, events

@@ -43,3 +43,14 @@ def test_learner_offload_reload_are_counted_noops_on_cpu():
     assert worker.offload_states() == {"event": "offload", "acted": False, "count": 1}
     assert worker.reload_states() == {"event": "reload", "acted": False, "count": 1}
     assert [e for e, _ in worker.colocation_log()] == ["offload", "reload"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU no-op path")
+@pytest.mark.parametrize("engine", _engines(), ids=lambda e: type(e).__name__)
+def test_engine_wakes_its_weights_and_kv_cache_apart(engine):
+    """Colocated sync order: the weights wake before the sync, the KV cache after it (vLLM's tags)."""
+    assert engine.wake_up(["weights"])["event"] == "wake_weights"
+    assert engine.wake_up(["kv_cache"])["event"] == "wake_kv_cache"
+    with pytest.raises(ValueError, match="'kv'"):
+        engine.wake_up(["kv"])
+    assert [e for e, _ in engine.colocation_log()] == ["wake_weights", "wake_kv_cache"]

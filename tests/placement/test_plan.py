@@ -228,3 +228,38 @@ def test_services_refuse_a_plan_of_another_size():
     # no placement: exactly today's request
     assert _engine_actor_options(None, "rollout", 0, 1, 1, 0.0, {"A": "1"}) == \
         dict(num_cpus=1, num_gpus=None, runtime_env={"env_vars": {"A": "1"}}, name=None)
+
+
+@pytest.mark.parametrize("accelerator", ["GPU", "fake_gpu"])
+def test_colocated_tensor_parallel_requests_fit_every_bundle(accelerator):
+    """Colocated TP=2 (each bundle: one learner rank + one engine shard): what every actor asks for on a bundle
+    (the learner ranks, the engine actors, vLLM's Ray workers at VLLM_RAY_PER_WORKER_GPUS on the bundles of
+    VLLM_RAY_BUNDLE_INDICES) fits it; the engine actor, which only drives its workers, takes no accelerator
+    (with its share beside worker 0's, bundle 0 was over-asked and start-up waited forever)."""
+    import ray.util.scheduling_strategies  # noqa: F401 - the strategies are built without a cluster
+
+    from trace_rl.learner.group import _placed_rank_options
+    from trace_rl.placement import Placement
+    from trace_rl.rollout.pool import _engine_actor_options
+
+    plan = plan_placement(mode="colocated", accelerator=accelerator,
+                          rollout=RoleSpec(2, cpus=1, accelerators=0.5, tensor_parallel_size=2),
+                          learner=RoleSpec(4, cpus=1, accelerators=0.5))
+    placement = Placement.__new__(Placement)  # the plan without reserving it: options only name the groups
+    placement.plan, placement.pgs = plan, {name: object() for name in plan.groups}
+    bundles = plan.groups[SHARED].bundles
+    asked = [0.0] * len(bundles)
+
+    def acc(opts):
+        return float(opts.get("num_gpus") or 0) + sum(opts.get("resources", {}).values())
+
+    for opts in _placed_rank_options(placement, 4):
+        asked[opts["scheduling_strategy"].placement_group_bundle_index] += acc(opts)
+    for e in range(2):
+        opts = _engine_actor_options(placement, "rollout", e, 2, 1, 0.5, {})
+        assert acc(opts) == 0 and opts["num_cpus"] == 1
+        env = opts["runtime_env"]["env_vars"]
+        for b in map(int, env["VLLM_RAY_BUNDLE_INDICES"].split(",")):
+            asked[b] += float(env["VLLM_RAY_PER_WORKER_GPUS"])
+    assert all(a <= res[accelerator] + 1e-9 for a, res in zip(asked, bundles)), (asked, bundles)
+    assert asked == [1.0] * 4  # every accelerator shared by exactly one rank and one shard

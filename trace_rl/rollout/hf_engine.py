@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from trace_rl.placement import ColocationLog
+from trace_rl.placement import ColocationLog, wake_event
 from trace_rl.rollout.base import (Sample, chunk_stats, left_pad, sampled_logprobs_from_logits, samples_to_batch,
                                    stream_min_groups)
 
@@ -257,10 +257,12 @@ class HFEngine(ColocationLog):
             torch.cuda.empty_cache()
         return self._colocation_event("sleep", acted)
 
-    def wake_up(self) -> dict[str, Any]:
-        """Colocated: take the accelerator back before generating."""
-        acted = self.device.type == "cuda"
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Colocated: take the accelerator back (``tags`` as vLLM's: ``["weights"]`` moves the model back,
+        ``["kv_cache"]`` has nothing to do here: generate allocates its cache per call)."""
+        event = wake_event(tags)
+        acted = self.device.type == "cuda" and (not tags or "weights" in tags)
         if acted:
             self.model.to(self.device)
-        return self._colocation_event("wake", acted)
+        return self._colocation_event(event, acted)
 

@@ -260,11 +260,16 @@ def _engine_actor_options(placement: Any, role: str, index: int, num_engines: in
                          f"engine(s); build the plan from the same config (trace_rl.placement.plan_from_config)")
     env = dict(env)
     slot = placement.slot(role, index)
+    options = placement.options(role, index)
     if slot.shard_bundles:
-        # vLLM's Ray executor puts tensor-parallel worker k on bundle VLLM_RAY_BUNDLE_INDICES[k]
+        # vLLM's Ray executor puts tensor-parallel worker k on bundle VLLM_RAY_BUNDLE_INDICES[k], each asking
+        # VLLM_RAY_PER_WORKER_GPUS there; the engine actor itself only drives them: it takes CPUs on its
+        # bundle and no accelerator (its share plus worker 0's would exceed bundle 0's, and never schedule)
         env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, slot.shard_bundles))
         env["VLLM_RAY_PER_WORKER_GPUS"] = str(slot.accelerators)
-    return dict(**placement.options(role, index), runtime_env={"env_vars": env}, name=None)
+        options = {**options, "num_gpus": 0}
+        options.pop("resources", None)
+    return dict(**options, runtime_env={"env_vars": env}, name=None)
 
 
 def _placement_engine_kwargs(placement: Any, role: str, engine: str,

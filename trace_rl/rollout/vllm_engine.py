@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from trace_rl.placement import ColocationLog
+from trace_rl.placement import ColocationLog, wake_event
 from trace_rl.rollout.base import Sample, chunk_stats, samples_to_batch, stream_min_groups
 
 
@@ -354,12 +354,13 @@ class VLLMEngine(ColocationLog):
             self.llm.sleep(level=int(level))
         return self._colocation_event("sleep", acted)
 
-    def wake_up(self) -> dict[str, Any]:
-        """Colocated: take the accelerator back before generating (weights and KV cache)."""
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Colocated: take the accelerator back: everything (``tags=None``, before generating), or only
+        ``["weights"]`` (before a weight sync, the KV cache still released) / ``["kv_cache"]`` (after it)."""
         acted = self._sleep_mode_on()
         if acted:
-            self.llm.wake_up()
-        return self._colocation_event("wake", acted)
+            self.llm.wake_up(tags=list(tags) if tags else None)
+        return self._colocation_event(wake_event(tags), acted)
 
     def _sleep_mode_on(self) -> bool:
         if not torch.cuda.is_available():

@@ -28,6 +28,9 @@ __all__ = ["KINDS", "BACKENDS", "WeightSync", "WeightSyncError", "make_weight_sy
            "TensorSpec", "plan_buckets", "flatten_bucket", "unflatten_bucket"]
 
 KINDS = ("object_store", "collective", "cuda_ipc")
+OBJECT_STORE_MAX_GIB = 4.0
+"""Above this size per sync (the model in its dtype) the object-store path is refused on GPU runs: rank 0 would
+put the whole model into the object store every step and each engine pickle it through vLLM's executor."""
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -76,6 +79,14 @@ def check_config(cfg: Any, err: Callable[[str, str, str], None]) -> None:
             err("rollout.sync_backend", "NCCL cannot connect learner rank 0 and an engine that share one GPU "
                 "(cluster.placement=colocated)", "use rollout.weight_sync=cuda_ipc (colocated engines), or "
                 "rollout.sync_backend=gloo")
+    elif r.weight_sync == "object_store" and gpus:
+        size = estimated_weight_gib(getattr(cfg.model, "path", None), getattr(cfg.model, "dtype", "float32"))
+        if size is not None and size > OBJECT_STORE_MAX_GIB:
+            alternative = ("rollout.weight_sync=cuda_ipc (colocated engines)" if placement == "colocated" else
+                           "rollout.weight_sync=collective (NCCL, in buckets of rollout.sync_bucket_mb)")
+            err("rollout.weight_sync", f"object_store would put the whole model (~{size:.1f} GiB in "
+                f"{cfg.model.dtype}) into the object store at every step, and every engine would copy it "
+                f"(limit {OBJECT_STORE_MAX_GIB:g} GiB)", f"use {alternative}")
     elif r.weight_sync == "cuda_ipc":
         if not gpus:
             err("rollout.weight_sync", "cuda_ipc shares CUDA memory and needs the learners and the engines on GPUs "
@@ -84,3 +95,27 @@ def check_config(cfg: Any, err: Callable[[str, str, str], None]) -> None:
         elif placement != "colocated":
             err("rollout.weight_sync", f"cuda_ipc needs each engine on a learner's GPU, but cluster.placement="
                 f"{placement!r}", "set cluster.placement=colocated, or use rollout.weight_sync=collective")
+
+
+def estimated_weight_gib(model_path: str | None, dtype: str) -> float | None:
+    """The size of a decoder-only checkpoint's weights in ``dtype``, in GiB, from its local ``config.json``
+    (embeddings, untied head, attention and MLP of every layer); None when there is no local config."""
+    import json
+    import os
+
+    if not model_path or not os.path.isfile(os.path.join(model_path, "config.json")):
+        return None
+    with open(os.path.join(model_path, "config.json")) as f:
+        c = json.load(f)
+    try:
+        h, layers, vocab = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    inter = int(c.get("intermediate_size") or 4 * h)
+    heads = int(c.get("num_attention_heads") or 1)
+    head_dim = int(c.get("head_dim") or h // heads)
+    kv = int(c.get("num_key_value_heads") or heads)
+    attention = h * head_dim * (2 * heads + 2 * kv)  # q and o, k and v
+    params = vocab * h * (1 if c.get("tie_word_embeddings", False) else 2) + layers * (attention + 3 * h * inter)
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    return params * itemsize / 2**30
