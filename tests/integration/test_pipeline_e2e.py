@@ -21,6 +21,19 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def train(tmp_path: Path, *overrides: str) -> Path:
+    """Run ``python -m trace_rl.train`` with ``overrides`` (no evaluation, no final save, no W&B) in a fresh
+    local cluster; returns its run directory once it exited 0."""
+    run_dir = tmp_path / "run"
+    args = [*overrides, "eval.before=false", "eval.after=false", "trainer.save_final=false", "logger.wandb=false",
+            f"trainer.run_dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "trace_rl.train", *args], capture_output=True, text=True,
+                       timeout=1200, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return run_dir
+
+
 def test_lockstep_pipeline_reproduces_the_recorded_trace():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "record_lockstep_trace.py"), "--check",
                         str(ROOT / "tests" / "fixtures" / "lockstep_trace.json"), "trainer.max_staleness=0"],
@@ -31,15 +44,9 @@ def test_lockstep_pipeline_reproduces_the_recorded_trace():
 
 
 def test_async_trace_run_bounds_staleness_and_keeps_batches_off_the_driver(tmp_path):
-    run_dir = tmp_path / "run"
-    args = ["algorithm=trace", "rollout=hf", "trainer.max_staleness=1", "trainer.total_steps=4",
-            "data.prompts_per_step=8", "rollout.n=4", "rollout.max_new_tokens=48", "learner.micro_batch_size=8",
-            "eval.before=false", "eval.after=false", "trainer.save_final=false", "logger.wandb=false",
-            "algorithm.lr=1e-4", "teacher.resync_every=2", f"trainer.run_dir={run_dir}"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-m", "trace_rl.train", *args], capture_output=True, text=True,
-                       timeout=1200, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_dir = train(tmp_path, "algorithm=trace", "rollout=hf", "trainer.max_staleness=1", "trainer.total_steps=4",
+                    "data.prompts_per_step=8", "rollout.n=4", "rollout.max_new_tokens=48",
+                    "learner.micro_batch_size=8", "algorithm.lr=1e-4", "teacher.resync_every=2")
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "timing_s/step" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
@@ -69,15 +76,9 @@ def test_colocated_run_hands_the_accelerators_over_in_the_peers_order(tmp_path):
     driver's): the engines sleep before the learners are built; each step the engines generate, sleep, the
     learners reload and train, the engines take back their weights only for the sync, and only after it the
     learners offload and the engines' KV cache wakes."""
-    run_dir = tmp_path / "run"
-    args = ["rollout=hf", "cluster.placement=colocated", "rollout.num_engines=2", "learner.num_ranks=2",
-            "trainer.total_steps=2", "data.prompts_per_step=4", "rollout.n=4", "rollout.max_new_tokens=24",
-            "learner.micro_batch_size=8", "eval.before=false", "eval.after=false", "trainer.save_final=false",
-            "logger.wandb=false", "algorithm.filter_zero_variance=false", f"trainer.run_dir={run_dir}"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-m", "trace_rl.train", *args], capture_output=True, text=True,
-                       timeout=1200, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_dir = train(tmp_path, "rollout=hf", "cluster.placement=colocated", "rollout.num_engines=2",
+                    "learner.num_ranks=2", "trainer.total_steps=2", "data.prompts_per_step=4", "rollout.n=4",
+                    "rollout.max_new_tokens=24", "learner.micro_batch_size=8", "algorithm.filter_zero_variance=false")
     events = json.loads((run_dir / "summary.json").read_text())["colocation_events"]
     step = ["sleep", "reload", "wake_weights", "offload", "wake_kv_cache"]
     assert events == ["sleep", "offload", "wake"] + step * 2, events
