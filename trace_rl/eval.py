@@ -260,8 +260,9 @@ def _default_output_dir() -> str:
 
 def _run_eval(cfg: Any, out_dir: Path, closers: list) -> dict[str, Any]:
     from trace_rl.rewards.pool import VerifierPool
-    from trace_rl.startup import (load_tokenizer, resolve_model_path, start_cluster, start_rollout_pool,
-                                  tokenize_prompts)
+    from trace_rl.config import ConfigError
+    from trace_rl.startup import (load_tokenizer, model_context, resolve_model_path, start_cluster,
+                                  start_rollout_pool, tokenize_prompts)
     from trace_rl.tasks.benchmarks import load_benchmark
     from trace_rl.tracking import Tracker
 
@@ -287,6 +288,13 @@ def _run_eval(cfg: Any, out_dir: Path, closers: list) -> dict[str, Any]:
         dropped[b.name] = n_drop
     max_prompt = max(len(p) for es in eval_sets for p in es.prompt_ids)
     max_model_len = max_prompt + e.max_new_tokens
+    limit = model_context(model_path)
+    if limit is not None and max_model_len > limit:  # the engine would refuse it, after start-up
+        raise ConfigError(
+            f"invalid configuration:\n  - eval.max_new_tokens: the longest benchmark prompt ({max_prompt} tokens) + "
+            f"eval.max_new_tokens ({e.max_new_tokens}) = {max_model_len} tokens is more than the model's context "
+            f"({limit}, max_position_embeddings of {model_path}). Fix: lower eval.max_new_tokens to at most "
+            f"{limit - max_prompt}, or data.max_prompt_length (longer prompts are dropped and counted)")
 
     # ---- services
     start_cluster(cfg, closers)

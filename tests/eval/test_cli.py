@@ -62,3 +62,21 @@ def test_eval_cli_end_to_end(ray_cluster, tiny_random_model, tmp_path, monkeypat
     assert logged[f"eval/mean/avg@{k}"] == pytest.approx(summary["mean"][f"avg@{k}"])
     assert logged[f"eval/math500/avg@{k}"] == summary["benchmarks"]["math500"][f"avg@{k}"]
     assert logged["eval/gpqa/pass@2"] == summary["benchmarks"]["gpqa"]["pass@2"]
+
+
+def test_eval_longer_than_the_models_context_fails_before_any_service(tiny_random_model, tmp_path, monkeypatch):
+    """The tiny checkpoint has 512 positions: a benchmark prompt + eval.max_new_tokens beyond that is a config
+    error naming the field and the most it can be, raised before the cluster or an engine starts."""
+    from trace_rl.config import ConfigError, to_config
+    from trace_rl.eval import run_eval
+
+    started = []
+    monkeypatch.setattr("trace_rl.startup.start_cluster", lambda *a, **k: started.append(a))
+    cfg = to_config({"model": {"path": tiny_random_model}, "eval": {
+        "benchmarks": [str(BENCH / "math500.jsonl")], "max_new_tokens": 500, "output_dir": str(tmp_path)},
+        "rollout": {"engine": "hf"}, "data": {"max_prompt_length": 480}, "logger": {"wandb": False}})
+    with pytest.raises(ConfigError, match=r"eval.max_new_tokens: the longest benchmark prompt \(\d+ tokens\) \+ "
+                                          r"eval.max_new_tokens \(500\) = \d+ tokens is more than the model's "
+                                          r"context \(512"):
+        run_eval(cfg)
+    assert not started
